@@ -1,0 +1,95 @@
+"""Command line: ``medjax train`` and ``medjax evaluate``.
+
+  medjax train --config configs/quickstart.py --workdir runs/quickstart [--config.KEY=VALUE ...]
+  medjax train --config configs/breastmnist.py:runlocal --workdir /tmp/b
+  medjax evaluate --workdir runs/quickstart --split test [--step N]
+
+Running ``train`` again on the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional, Tuple
+
+
+def _split_overrides(argv: List[str]) -> Tuple[List[str], List[str]]:
+  """Separates ``--config.key=value`` (or ``--config.key value``) from the other args."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      body = arg[len('--config.'):]
+      if '=' not in body:
+        if i + 1 >= len(argv):
+          raise SystemExit(f'medjax: {arg} needs a value')
+        body = f'{body}={argv[i + 1]}'
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='medjax', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  train = sub.add_parser('train', help='train (or resume) a model')
+  train.add_argument('--config', required=True,
+                     help='config file, optionally with an argument: configs/x.py[:runlocal]')
+  train.add_argument('--workdir', required=True, help='directory for checkpoints and results')
+  evaluate = sub.add_parser('evaluate', help='re-evaluate the selected checkpoint of a workdir')
+  evaluate.add_argument('--workdir', required=True)
+  evaluate.add_argument('--split', default='test', choices=['train', 'val', 'test'])
+  evaluate.add_argument('--step', type=int, default=None,
+                        help='checkpoint step (default: the selected best one)')
+  return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  args = _parser().parse_args(rest)
+
+  from medjax import config as config_lib  # after parsing: --help stays fast
+  try:
+    if args.command == 'train':
+      config = config_lib.load_config_file(args.config)
+      config_lib.apply_overrides(config, overrides)
+    elif overrides:
+      raise config_lib.ConfigError('--config.* overrides apply to train only')
+  except config_lib.ConfigError as e:
+    print(f'medjax: config error: {e}', file=sys.stderr)
+    return 2
+
+  from medjax import train as train_lib
+  try:
+    if args.command == 'train':
+      results = train_lib.train_and_evaluate(config, args.workdir)
+      if 'test' in results:
+        _print_metrics(results)
+    else:
+      result = train_lib.evaluate_workdir(args.workdir, args.split, args.step)
+      print(json.dumps({'split': result['split'], 'step': result['step'],
+                        **{k: v for k, v in result['metrics'].items()
+                           if k != 'confusion_matrix'}}, indent=2))
+  except (FileNotFoundError, ValueError, train_lib.TrainingDiverged) as e:
+    print(f'medjax: error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+def _print_metrics(results) -> None:
+  keys = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'f1', 'loss')
+  print(f"\n{'split':<6}" + ''.join(f'{k:>18}' for k in keys))
+  for split in ('val', 'test'):
+    print(f'{split:<6}' + ''.join(f'{results[split][k]:>18.4f}' for k in keys))
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,224 @@
+"""Experiment configs: defaults, strict merging, file loading and command-line overrides.
+
+A config file is a Python file with ``get_config(arg: str | None = None) -> ConfigDict``
+(``configs/NAME.py`` or ``configs/NAME.py:runlocal`` to pass ``arg``). It only states what
+differs from :func:`default_config`; every key it sets must exist there, so a typo such as
+``optimizer.learnig_rate`` is an error, not a silently ignored setting. Model keyword
+arguments (``model.*`` other than ``model.name``) are checked against the chosen model.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config that cannot be used: unknown key, wrong type, bad value, bad file."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every config key medjax understands, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # 'synthetic' (embedded, generated from data.seed) or 'medmnist' (npz file).
+  c.data.name = 'synthetic'
+  # medmnist: path to the .npz file, or a directory holding '<flag>.npz'.
+  c.data.path = ''
+  # medmnist: dataset flag ('breastmnist', 'pathmnist_64', ...); '' = from the file name.
+  c.data.flag = ''
+  # medmnist: download the official file (28 px, MD5-checked) if it is not at data.path.
+  c.data.download = False
+  # Intensity scaling: x -> (x / 255 - mean) / std, as MedMNIST's reference pipeline.
+  c.data.mean = 0.5
+  c.data.std = 0.5
+  # Use only the first N examples of each split (0 = all); for quick tests.
+  c.data.max_examples = 0
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.seed = 1234
+  c.data.synthetic.image_size = 32
+  c.data.synthetic.num_train = 2000
+  c.data.synthetic.num_val = 400
+  c.data.synthetic.num_test = 400
+  # 3 = normal / benign / malignant; 2 = normal+benign / malignant.
+  c.data.synthetic.num_classes = 3
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.flip_lr = False
+  c.data.augment.flip_ud = False
+  c.data.augment.rotation_deg = 0.0   # uniform in [-deg, +deg]; 2D only
+  c.data.augment.scale_min = 1.0      # zoom factor range (scale/crop); 2D only
+  c.data.augment.scale_max = 1.0
+  c.data.augment.brightness = 0.0     # additive shift uniform in [-b, +b] (normalised units)
+  c.data.augment.contrast = 0.0       # multiplicative factor uniform in [1-c, 1+c]
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'simple_cnn'
+
+  # 'auto' takes the task from the dataset; or one of
+  # 'binary', 'multiclass', 'ordinal', 'multilabel'.
+  c.task = 'auto'
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = 'ce'                  # 'ce' | 'focal'  (multi-label always uses sigmoid BCE)
+  c.loss.class_weights = 'none'       # 'none' | 'balanced' | comma-separated floats
+  c.loss.focal_gamma = 2.0
+  c.loss.label_smoothing = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'           # 'sgd' | 'adam' | 'adamw' | 'adagrad'
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.momentum = 0.9          # sgd
+  c.optimizer.nesterov = False        # sgd
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  # L2 added to the gradient (PyTorch-style) for sgd/adam/adagrad; decoupled for adamw.
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 0.0    # 0 = no clipping
+  c.optimizer.schedule = 'constant'   # 'constant' | 'multistep' | 'cosine'
+  c.optimizer.milestones_epochs = ()  # multistep: epochs at which lr *= decay_factor
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.warmup_epochs = 0.0     # linear warm-up from 0, before any schedule
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_epochs = 10
+  c.train.batch_size = 128            # global batch, split over all devices
+  c.train.eval_batch_size = 256
+  c.train.log_every_steps = 20
+  c.train.eval_every_epochs = 1
+  c.train.keep_checkpoints = 2        # latest N kept, plus the best by selection_metric
+  c.train.selection_metric = 'auc'    # validation metric that picks the final checkpoint
+  c.train.selection_mode = 'max'      # 'max' | 'min'
+  c.train.progress_bar = True
+  # Stop after this many steps in this invocation (0 = no limit). For tests of resume.
+  c.train.stop_after_steps = 0
+  return c
+
+
+_EXTENSIBLE = ('model',)  # sections whose extra keys are validated elsewhere (model kwargs)
+
+
+def _suggest(key: str, options: Sequence[str]) -> str:
+  close = difflib.get_close_matches(key, list(options), n=1)
+  return f" (did you mean '{close[0]}'?)" if close else ''
+
+
+def _merge(base: ml_collections.ConfigDict, update: Any, prefix: str) -> None:
+  for key, value in update.items():
+    path = f'{prefix}{key}'
+    if key not in base:
+      if prefix.rstrip('.') in _EXTENSIBLE:
+        with base.unlocked():
+          base[key] = value
+        continue
+      raise ConfigError(
+          f"unknown config key '{path}'{_suggest(key, base.keys())}; valid keys"
+          f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(base.keys()))}")
+    current = base[key]
+    if isinstance(current, ml_collections.ConfigDict):
+      if not hasattr(value, 'items'):
+        raise ConfigError(f"config key '{path}' is a section; got {value!r}")
+      _merge(current, value, path + '.')
+    else:
+      base[key] = _coerce(path, current, value)
+
+
+def _coerce(path: str, current: Any, value: Any) -> Any:
+  """Returns ``value`` converted to the type of the default ``current``."""
+  if current is None or value is None:
+    return value
+  if isinstance(current, bool):
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"config key '{path}' expects true/false, got {value!r}")
+  if isinstance(current, (int, float)) and not isinstance(value, bool) and isinstance(
+      value, (int, float)):
+    if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
+      raise ConfigError(f"config key '{path}' expects an integer, got {value!r}")
+    return type(current)(value)
+  if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+    return tuple(value)
+  if isinstance(current, str) and isinstance(value, str):
+    return value
+  raise ConfigError(
+      f"config key '{path}' expects {type(current).__name__}, got {value!r} "
+      f"({type(value).__name__})")
+
+
+def resolve(config: Any) -> ml_collections.ConfigDict:
+  """Merges a (partial) config onto :func:`default_config`, rejecting unknown keys."""
+  base = default_config()
+  _merge(base, config, '')
+  return base
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``path/to/config.py[:arg]`` and returns its resolved config."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location('_medjax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path} has no get_config() function')
+  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    return resolve(config)
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from None
+
+
+def parse_value(text: str) -> Any:
+  """Parses an override value: Python literal if it is one, else the raw string."""
+  lowered = text.lower()
+  if lowered in ('true', 'false'):
+    return lowered == 'true'
+  if lowered in ('none', 'null'):
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies ``key.sub=value`` overrides (as from ``--config.key.sub=value``)."""
+  for item in overrides:
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise ConfigError(f"override '{item}' is not of the form key=value")
+    nested: dict = {}
+    node = nested
+    parts = key.split('.')
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = parse_value(text)
+    value = node[parts[-1]]
+    # A string default given a non-string literal ('--config.data.flag=123') stays a string.
+    try:
+      _merge(config, nested, '')
+    except ConfigError:
+      if isinstance(value, str):
+        raise
+      node[parts[-1]] = text
+      _merge(config, nested, '')
+  return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json_file(path: str) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    return resolve(json.load(f))

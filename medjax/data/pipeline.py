@@ -1,0 +1,193 @@
+"""tf.data input pipelines for in-memory classification data.
+
+Determinism contract: the global batch of training step ``s`` is a pure function of
+``(seed, s)``. Epoch ``e = s // steps_per_epoch`` uses the permutation
+``default_rng([seed, e]).permutation(N)`` (the last partial batch is dropped), and every
+random augmentation of an example is drawn from a stateless TensorFlow RNG keyed by
+``(seed, epoch, example index)``. Therefore
+
+* a run resumed at step ``s`` sees exactly the batches an uninterrupted run sees;
+* with ``P`` processes, process ``p`` reads only rows ``[p*B/P, (p+1)*B/P)`` of each global
+  batch, and the union over processes is the single-process batch, augmentations included.
+
+TensorFlow is hidden from GPUs and TPUs here, so it never takes accelerator memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Tuple
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+tf.config.set_visible_devices([], 'GPU')
+try:
+  tf.config.set_visible_devices([], 'TPU')
+except (ValueError, RuntimeError):
+  pass
+
+Batch = Tuple[np.ndarray, np.ndarray]
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  steps = num_examples // global_batch
+  if steps == 0:
+    raise ValueError(f'training split has {num_examples} examples, fewer than one batch of '
+                     f'{global_batch}; lower train.batch_size')
+  return steps
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+  if global_batch % process_count:
+    raise ValueError(f'batch size {global_batch} is not divisible by {process_count} processes')
+  per_process = global_batch // process_count
+  return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+def _normalise(image: tf.Tensor, pixel_max: float, mean: float, std: float) -> tf.Tensor:
+  return (tf.cast(image, tf.float32) / pixel_max - mean) / std
+
+
+def _rotate_scale_2d(image: tf.Tensor, angle: tf.Tensor, zoom: tf.Tensor) -> tf.Tensor:
+  """Rotates by ``angle`` (radians) and zooms by ``zoom`` about the centre, bilinear.
+
+  ``image`` is ``[H, W, C]``; the output keeps the shape, borders are filled by reflection.
+  """
+  height = tf.cast(tf.shape(image)[0], tf.float32)
+  width = tf.cast(tf.shape(image)[1], tf.float32)
+  cy, cx = (height - 1) / 2, (width - 1) / 2
+  cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+  # Maps each output pixel (x, y) to the input pixel it samples from.
+  transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
+                        sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation='BILINEAR', fill_mode='REFLECT')
+  return out[0]
+
+
+def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int):
+  """Returns ``fn(image [*spatial, C], seed [2]) -> image`` applying the configured ops."""
+  geometric = aug.rotation_deg > 0 or aug.scale_min != 1.0 or aug.scale_max != 1.0
+  if geometric and spatial_dims != 2:
+    raise ValueError('data.augment.rotation_deg/scale_* are 2D-only; use flips for 3D data')
+  if aug.scale_min <= 0 or aug.scale_max < aug.scale_min:
+    raise ValueError(f'data.augment needs 0 < scale_min <= scale_max, got '
+                     f'{aug.scale_min}, {aug.scale_max}')
+
+  def augment(image, seed):
+    seeds = tf.random.experimental.stateless_split(seed, num=6)
+    uniform = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform(  # noqa: E731
+        [], seeds[i], minval=lo, maxval=hi)
+    width_axis, height_axis = spatial_dims - 1, spatial_dims - 2
+    if aug.flip_lr:
+      image = tf.cond(uniform(0) < 0.5, lambda: tf.reverse(image, [width_axis]), lambda: image)
+    if aug.flip_ud:
+      image = tf.cond(uniform(1) < 0.5, lambda: tf.reverse(image, [height_axis]), lambda: image)
+    if geometric:
+      angle = uniform(2, -aug.rotation_deg, aug.rotation_deg) * (math.pi / 180.0)
+      zoom = uniform(3, aug.scale_min, aug.scale_max)
+      image = _rotate_scale_2d(image, angle, zoom)
+    if aug.brightness > 0:
+      image = image + uniform(4, -aug.brightness, aug.brightness)
+    if aug.contrast > 0:
+      mean = tf.reduce_mean(image)
+      image = mean + (image - mean) * uniform(5, 1.0 - aug.contrast, 1.0 + aug.contrast)
+    return image
+
+  enabled = (aug.flip_lr or aug.flip_ud or geometric or aug.brightness > 0 or aug.contrast > 0)
+  return augment if enabled else None
+
+
+def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,
+                  start_step: int, num_steps: int, pixel_max: float, mean: float, std: float,
+                  augment: ml_collections.ConfigDict | None = None,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+  """Yields this process's share of training batches for steps ``[start_step, num_steps)``.
+
+  Args:
+    images: ``[N, *spatial, C]`` (uint8 or float), all training examples.
+    labels: ``[N]`` int or ``[N, L]``.
+    global_batch: examples per step over all processes.
+  Yields:
+    (images float32 ``[B/P, *spatial, C]``, labels) as NumPy arrays.
+  """
+  n = len(images)
+  spe = steps_per_epoch(n, global_batch)
+  rows = local_rows(global_batch, process_index, process_count)
+  spatial = images.ndim - 2
+  augment_fn = make_augment_fn(augment, spatial) if augment is not None else None
+  if start_step >= num_steps:
+    return iter(())
+
+  first_epoch, last_epoch = start_step // spe, (num_steps - 1) // spe
+  index_chunks, epoch_chunks = [], []
+  for epoch in range(first_epoch, last_epoch + 1):
+    order = epoch_permutation(seed, epoch, n)[:spe * global_batch].reshape(spe, global_batch)
+    lo = start_step - epoch * spe if epoch == first_epoch else 0
+    hi = min(spe, num_steps - epoch * spe)
+    order = order[lo:hi, rows].reshape(-1)
+    index_chunks.append(order)
+    epoch_chunks.append(np.full(order.shape, epoch, np.int64))
+  indices = np.concatenate(index_chunks).astype(np.int64)
+  epochs = np.concatenate(epoch_chunks)
+
+  images_t = tf.constant(images)
+  labels_t = tf.constant(labels)
+
+  def load(index, epoch):
+    image = _normalise(tf.gather(images_t, index), pixel_max, mean, std)
+    if augment_fn is not None:
+      key = tf.random.experimental.stateless_fold_in(
+          tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), epoch),
+          index)
+      image = augment_fn(image, key)
+    return image, tf.gather(labels_t, index)
+
+  ds = tf.data.Dataset.from_tensor_slices((indices, epochs))
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(rows.stop - rows.start, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ds.as_numpy_iterator()
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
+                 pixel_max: float, mean: float, std: float, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Every example once, in order, padded to whole global batches.
+
+  Yields:
+    (images, labels) of this process's rows and the mask ``[global_batch]`` of the whole
+    global batch: 1.0 for real examples and 0.0 for padding, so every example counts
+    exactly once however many devices and processes there are.
+  """
+  n = len(images)
+  if n == 0:
+    raise ValueError('cannot evaluate an empty split')
+  rows = local_rows(global_batch, process_index, process_count)
+  num_batches = -(-n // global_batch)
+  padded = np.zeros(num_batches * global_batch, np.int64)
+  padded[:n] = np.arange(n)
+  mask = np.zeros(num_batches * global_batch, np.float32)
+  mask[:n] = 1.0
+  padded = padded.reshape(num_batches, global_batch)[:, rows].reshape(-1)
+  global_masks = mask.reshape(num_batches, global_batch)
+
+  images_t = tf.constant(images)
+  labels_t = tf.constant(labels)
+
+  def load(index):
+    image = _normalise(tf.gather(images_t, index), pixel_max, mean, std)
+    return image, tf.gather(labels_t, index)
+
+  ds = tf.data.Dataset.from_tensor_slices(padded)
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(rows.stop - rows.start).prefetch(tf.data.AUTOTUNE)
+  for (images_b, labels_b), global_mask in zip(ds.as_numpy_iterator(), global_masks):
+    yield images_b, labels_b, global_mask

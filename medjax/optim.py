@@ -1,0 +1,57 @@
+"""Optimizers and learning-rate schedules from ``config.optimizer`` (epochs -> steps)."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
+                  total_steps: int) -> optax.Schedule:
+  """Learning rate per step: optional linear warm-up, then constant, multi-step or cosine.
+
+  Multi-step milestones are in epochs, as MedMNIST's ``MultiStepLR(milestones=[50, 75])``:
+  the rate is multiplied by ``decay_factor`` at the first step of each milestone epoch.
+  """
+  base = cfg.learning_rate
+  warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+  if cfg.schedule == 'constant':
+    main = optax.constant_schedule(base)
+  elif cfg.schedule == 'multistep':
+    boundaries = {}
+    for epoch in cfg.milestones_epochs:
+      step = int(round(epoch * steps_per_epoch)) - warmup
+      boundaries[step] = boundaries.get(step, 1.0) * cfg.decay_factor
+    main = optax.piecewise_constant_schedule(base, boundaries)
+  elif cfg.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(base, decay_steps=max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f"unknown optimizer.schedule '{cfg.schedule}'; expected 'constant', "
+                     "'multistep' or 'cosine'")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Gradient clipping -> (coupled L2 weight decay) -> optimizer."""
+  parts = []
+  if cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  coupled_decay = cfg.weight_decay > 0 and cfg.name != 'adamw'
+  if coupled_decay:
+    # PyTorch-style weight_decay: L2 term added to the gradient before the update rule.
+    parts.append(optax.add_decayed_weights(cfg.weight_decay))
+  if cfg.name == 'sgd':
+    parts.append(optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  elif cfg.name == 'adam':
+    parts.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  elif cfg.name == 'adamw':
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
+  elif cfg.name == 'adagrad':
+    parts.append(optax.adagrad(schedule, eps=cfg.eps))
+  else:
+    raise ValueError(f"unknown optimizer '{cfg.name}'; expected sgd, adam, adamw or adagrad")
+  return optax.chain(*parts)
