@@ -49,9 +49,21 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Dict[str, 
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
-  """Restores (state, meta) at ``step`` onto the shardings in ``abstract_state``."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  """Restores (state, meta) at ``step`` onto the shardings in ``abstract_state``.
+
+  Raises:
+    ValueError: the checkpoint was written by a different model or optimizer.
+  """
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  except ValueError as e:
+    if 'do not match' not in str(e) and 'structure' not in str(e):
+      raise
+    raise ValueError(
+        f'checkpoint at step {step} in {manager.directory} does not fit this config: its '
+        'parameters or optimizer state have another structure (was model.* or optimizer.name '
+        'changed?). Resume with the original config, or use a new workdir.') from None
   return restored['state'], restored['meta']
 
 

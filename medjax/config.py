@@ -184,10 +184,21 @@ def parse_value(text: str) -> Any:
     return lowered == 'true'
   if lowered in ('none', 'null'):
     return None
+  if lowered in ('inf', '+inf', '-inf', 'nan'):
+    return float(lowered)
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
+
+
+def _lookup(config: ml_collections.ConfigDict, parts: Sequence[str]) -> Any:
+  node: Any = config
+  for part in parts:
+    if not hasattr(node, 'keys') or part not in node:
+      return None
+    node = node[part]
+  return node
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -202,16 +213,13 @@ def apply_overrides(config: ml_collections.ConfigDict,
     parts = key.split('.')
     for part in parts[:-1]:
       node = node.setdefault(part, {})
-    node[parts[-1]] = parse_value(text)
-    value = node[parts[-1]]
-    # A string default given a non-string literal ('--config.data.flag=123') stays a string.
-    try:
-      _merge(config, nested, '')
-    except ConfigError:
-      if isinstance(value, str):
-        raise
-      node[parts[-1]] = text
-      _merge(config, nested, '')
+    value = parse_value(text)
+    # A string key given something that parses as a literal ('--config.data.flag=123')
+    # keeps the text as written.
+    if isinstance(_lookup(config, parts), str) and not isinstance(value, str):
+      value = text
+    node[parts[-1]] = value
+    _merge(config, nested, '')
   return config
 
 

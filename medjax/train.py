@@ -56,7 +56,11 @@ class Experiment:
     self.num_outputs = tasks.num_outputs(self.task, data.num_classes)
     model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
     model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
-    self.model = build_model(config.model.name, self.num_outputs, **model_kwargs)
+    try:
+      self.model = build_model(config.model.name, self.num_outputs, **model_kwargs)
+    except ValueError as e:
+      raise ValueError(f'{e} (model options come from the config section model.*; after '
+                       'changing model.name, set that section for the new model)') from None
 
     train_labels = data.splits['train'][1]
     self.class_weights = losses.parse_class_weights(
@@ -296,11 +300,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints, tcfg.selection_metric,
                                     tcfg.selection_mode)
   latest = manager.latest_step()
+  pending_losses = []  # per-step train losses not yet written to the log
   if latest is None:
     state = exp.init_state()
     start_step = 0
   else:
-    state, _ = checkpoint.restore(manager, latest, exp.abstract_state())
+    state, restored_meta = checkpoint.restore(manager, latest, exp.abstract_state())
+    pending_losses = list(restored_meta.get('pending_train_losses', []))
     start_step = int(jax.device_get(state.step))
     print(f'Resuming from checkpoint at step {start_step} in {workdir}')
   log = MetricsLog(workdir, start_step)
@@ -319,8 +325,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     except ValueError:  # not the main thread
       previous_handler = None
 
-  def meta(step):
-    return {'step': step, 'epoch': step / exp.steps_per_epoch}
+  def meta(step, pending=()):
+    return {'step': step, 'epoch': step / exp.steps_per_epoch,
+            'pending_train_losses': [float(x) for x in pending]}
 
   def check_finite(step, values):
     if not np.all(np.isfinite(values)):
@@ -336,7 +343,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     progress = tqdm(total=exp.total_steps, initial=start_step, unit='step', dynamic_ncols=True)
 
   step = start_step
-  pending_losses = []
   interval_start, interval_steps = time.time(), 0
   eval_every = max(tcfg.eval_every_epochs, 1) * exp.steps_per_epoch
   try:
@@ -351,7 +357,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       eval_now = step % eval_every == 0 or step == exp.total_steps
       stop_now = stop['requested'] or (tcfg.stop_after_steps and
                                        step - start_step >= tcfg.stop_after_steps)
-      if log_now or eval_now or stop_now:
+      if stop_now and not (log_now or eval_now):
+        # Keep the unlogged losses in the checkpoint: the resumed run logs them as an
+        # uninterrupted run would.
+        values = np.asarray(jax.device_get(pending_losses), np.float64)
+        check_finite(step, values)
+        checkpoint.save(manager, step, state, meta(step, values))
+        print(f'Stopped at step {step}; run the same command again to resume.')
+        return {'stopped_at_step': step}
+      if log_now or eval_now:
         values = np.asarray(jax.device_get(pending_losses), np.float64)
         check_finite(step, values)
         elapsed = time.time() - interval_start

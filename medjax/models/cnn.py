@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.layers import kernel_init, spatial_dims
+from medjax.models.layers import dense_init, kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
 
@@ -36,6 +36,6 @@ class SimpleCNN(nn.Module):
       x = nn.relu(x)
       x = nn.max_pool(x, (2,) * nd, strides=(2,) * nd)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.hidden, kernel_init=init)(x))
+    x = nn.relu(nn.Dense(self.hidden, kernel_init=dense_init(self.initializer))(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_outputs, kernel_init=init)(x).astype(jnp.float32)
+    return nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer))(x).astype(jnp.float32)

@@ -11,12 +11,22 @@ Initializer = Callable[..., jax.Array]
 
 
 def kernel_init(name: str) -> Initializer:
-  """'he' (Kaiming normal, fan_out, as torchvision's ResNet) or 'xavier' (Glorot uniform)."""
+  """Convolution kernels: 'he' (Kaiming normal, fan_out, as torchvision's ResNet) or
+  'xavier' (Glorot uniform)."""
   if name == 'he':
     return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
   if name == 'xavier':
     return nn.initializers.xavier_uniform()
-  raise ValueError(f"unknown init '{name}'; expected 'he' or 'xavier'")
+  raise ValueError(f"unknown initializer '{name}'; expected 'he' or 'xavier'")
+
+
+def dense_init(name: str) -> Initializer:
+  """Dense layers: with 'he', PyTorch's default Linear init (uniform, bound 1/sqrt(fan_in)),
+  as torchvision keeps for its classifier; fan_out scaling would give a 2-way head weights
+  of unit variance and exploding initial logits. 'xavier' is Glorot uniform."""
+  if name == 'he':
+    return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+  return kernel_init(name)
 
 
 def spatial_dims(x: jax.Array) -> int:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.layers import kernel_init, spatial_dims
+from medjax.models.layers import dense_init, kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
 
@@ -126,7 +126,7 @@ class ResNet(nn.Module):
                       name=f'stage{i + 1}_block{j + 1}')(x)
     x = jnp.mean(x, axis=tuple(range(1, nd + 1)))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_outputs, kernel_init=kernel_init(self.initializer), name='head')(x)
+    return nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer), name='head')(x)
 
 
 def _variant(name: str, stage_sizes, block):

@@ -1,0 +1,69 @@
+"""Config merging, overrides and the errors a typo must produce."""
+
+import subprocess
+import sys
+
+import pytest
+
+from medjax import config as config_lib
+from medjax.cli import _split_overrides
+
+
+def test_overrides_are_typed():
+  c = config_lib.load_config_file('configs/quickstart.py')
+  config_lib.apply_overrides(c, ['optimizer.learning_rate=0.01', 'train.num_epochs=3',
+                                 'data.augment.flip_lr=false', 'data.flag=123',
+                                 'optimizer.milestones_epochs=(5,8)'])
+  assert c.optimizer.learning_rate == 0.01 and isinstance(c.train.num_epochs, int)
+  assert c.data.augment.flip_lr is False
+  assert c.data.flag == '123'
+  assert c.optimizer.milestones_epochs == (5, 8)
+
+
+def test_unknown_override_key_names_key_and_suggests():
+  c = config_lib.default_config()
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'optimizer\.learnig_rate'"
+                     r" \(did you mean 'learning_rate'\?\)"):
+    config_lib.apply_overrides(c, ['optimizer.learnig_rate=0.1'])
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'trian'"):
+    config_lib.apply_overrides(c, ['trian.num_epochs=1'])
+
+
+def test_wrong_types_rejected():
+  c = config_lib.default_config()
+  with pytest.raises(config_lib.ConfigError, match="'train.num_epochs' expects an integer"):
+    config_lib.apply_overrides(c, ['train.num_epochs=2.5'])
+  with pytest.raises(config_lib.ConfigError, match="'train.progress_bar' expects true/false"):
+    config_lib.apply_overrides(c, ['train.progress_bar=3'])
+
+
+def test_unknown_key_in_config_file_names_the_file(tmp_path):
+  path = tmp_path / 'bad.py'
+  path.write_text('def get_config():\n  return {"optimizer": {"lr": 0.1}}\n')
+  with pytest.raises(config_lib.ConfigError, match=r"bad\.py: unknown config key 'optimizer\.lr'"):
+    config_lib.load_config_file(str(path))
+  with pytest.raises(config_lib.ConfigError, match='config file not found'):
+    config_lib.load_config_file(str(tmp_path / 'missing.py'))
+
+
+def test_json_round_trip(tmp_path):
+  c = config_lib.load_config_file('configs/breastmnist.py')
+  path = tmp_path / 'config.json'
+  path.write_text(config_lib.to_json(c))
+  assert config_lib.from_json_file(str(path)) == c
+
+
+def test_cli_override_parsing():
+  rest, overrides = _split_overrides(['train', '--config', 'x.py', '--config.seed=3',
+                                      '--config.train.num_epochs', '4', '--workdir', 'w'])
+  assert rest == ['train', '--config', 'x.py', '--workdir', 'w']
+  assert overrides == ['seed=3', 'train.num_epochs=4']
+
+
+def test_cli_unknown_key_exits_2_with_message(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'medjax.cli', 'train', '--config', 'configs/quickstart.py',
+       '--workdir', str(tmp_path), '--config.train.num_epoch=1'],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "unknown config key 'train.num_epoch' (did you mean 'num_epochs'?)" in proc.stderr

@@ -1,0 +1,78 @@
+"""Model shapes (2D/3D), parameter counts against torchvision, registry behaviour."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medjax.models import available_models, build_model, register_model
+
+
+def _shapes(model, input_shape):
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape)))
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(input_shape)), variables)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
+  return out.shape, n_params, variables
+
+
+@pytest.mark.parametrize('name', ['simple_cnn', 'resnet18', 'resnet34', 'resnet50'])
+@pytest.mark.parametrize('input_shape', [(2, 28, 28, 1), (2, 28, 28, 3), (2, 28, 28, 28, 1)])
+def test_output_shapes_2d_and_3d(name, input_shape):
+  out_shape, _, _ = _shapes(build_model(name, 7), input_shape)
+  assert out_shape == (2, 7)
+
+
+@pytest.mark.parametrize('name,expected', [
+    # torchvision.models.resnet{18,34,50}(num_classes=1000) parameter counts.
+    ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032)])
+def test_resnet_parameter_counts_match_torchvision(name, expected):
+  _, n_params, _ = _shapes(build_model(name, 1000, stem='imagenet'), (1, 224, 224, 3))
+  assert n_params == expected
+
+
+def test_medmnist_stem_keeps_resolution_and_3d_has_3d_kernels():
+  _, _, variables = _shapes(build_model('resnet18', 2), (1, 28, 28, 28, 1))
+  assert variables['params']['stem_conv']['kernel'].shape == (3, 3, 3, 1, 64)
+  assert 'batch_stats' in variables
+
+
+def test_forward_pass_runs_and_dropout_only_in_training():
+  model = build_model('resnet18', 3, width=8, dropout_rate=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 1))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  eval1 = model.apply(variables, x)
+  eval2 = model.apply(variables, x)
+  np.testing.assert_array_equal(eval1, eval2)
+  train1, _ = model.apply(variables, x, train=True, rngs={'dropout': jax.random.PRNGKey(2)},
+                          mutable=['batch_stats'])
+  train2, _ = model.apply(variables, x, train=True, rngs={'dropout': jax.random.PRNGKey(3)},
+                          mutable=['batch_stats'])
+  assert not np.allclose(train1, train2)
+
+
+def test_xavier_initializer_and_errors():
+  _, _, variables = _shapes(build_model('simple_cnn', 2, initializer='xavier'), (1, 28, 28, 1))
+  with pytest.raises(ValueError, match="unknown model 'resnet19'"):
+    build_model('resnet19', 2)
+  with pytest.raises(ValueError, match="has no option\\(s\\) 'depth'"):
+    build_model('resnet18', 2, depth=3)
+  with pytest.raises(ValueError, match='expected input'):
+    _shapes(build_model('simple_cnn', 2), (1, 28, 1))
+
+
+def test_register_a_new_model_in_a_few_lines():
+  @register_model('test_tiny_mlp')
+  class TinyMLP(nn.Module):
+    num_outputs: int
+    hidden: int = 4
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(self.num_outputs)(nn.relu(nn.Dense(self.hidden)(x.reshape(len(x), -1))))
+
+  assert 'test_tiny_mlp' in available_models()
+  out_shape, _, _ = _shapes(build_model('test_tiny_mlp', 3, hidden=5), (2, 8, 8, 1))
+  assert out_shape == (2, 3)
+  with pytest.raises(ValueError, match='already registered'):
+    register_model('test_tiny_mlp')(TinyMLP)

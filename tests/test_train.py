@@ -1,0 +1,211 @@
+"""End to end: train, select, evaluate, resume, reproduce, shard, fail safely."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from medjax import checkpoint, config as config_lib
+from medjax import train as train_lib
+
+pytestmark = pytest.mark.slow
+
+
+def _config(**overrides):
+  c = config_lib.load_config_file('configs/quickstart.py:runlocal')
+  # 256 train / batch 32 = 8 steps per epoch; 2 epochs. BatchNorm + dropout + augmentation
+  # exercise every source of state and randomness.
+  c.model = ml_collections.ConfigDict(dict(name='resnet18', width=4, dropout_rate=0.3))
+  config_lib.apply_overrides(c, ['data.augment.rotation_deg=10.0', 'train.log_every_steps=2',
+                                 'train.keep_checkpoints=1'])
+  config_lib.apply_overrides(c, [f'{k}={v}' for k, v in overrides.items()])
+  return c
+
+
+def _results_without_run_info(workdir):
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  results.pop('run_info')
+  return results
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in records if r['split'] == 'train'}
+
+
+def _final_params(workdir, config):
+  exp = train_lib.Experiment(config_lib.resolve(config), train_lib.load_data(config))
+  manager = checkpoint.make_manager(workdir, 1, 'auc', 'max')
+  state, _ = checkpoint.restore(manager, manager.latest_step(), exp.abstract_state())
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  config = _config()
+  results = train_lib.train_and_evaluate(config, workdir)
+  return workdir, config, results
+
+
+def test_workdir_contract(reference_run):
+  workdir, _, results = reference_run
+  for name in ('config.json', 'metrics.jsonl', 'results.json', 'predictions_val.npz',
+               'predictions_test.npz'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert any(f.startswith('events.out.tfevents') for f in
+             os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert results['selected_step'] in (8, 16)
+  assert set(results['versions']) >= {'medjax', 'jax', 'flax'}
+  assert results['run_info']['wall_time_s'] > 0
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_records = [r for r in records if r['split'] == 'train']
+  assert all(r['images_per_sec'] > 0 and 'learning_rate' in r for r in train_records)
+  assert [r['step'] for r in records if r['split'] == 'val'] == [8, 16]
+
+
+def test_results_recomputed_from_predictions_with_sklearn(reference_run):
+  workdir, _, results = reference_run
+  for split in ('val', 'test'):
+    pred = np.load(os.path.join(workdir, f'predictions_{split}.npz'))
+    labels, scores = pred['labels'], pred['scores']
+    assert len(pred['index']) == 64
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+    assert results[split]['auc'] == pytest.approx(
+        skm.roc_auc_score(labels, scores, multi_class='ovr'), abs=1e-9)
+    assert results[split]['accuracy'] == pytest.approx(
+        skm.accuracy_score(labels, scores.argmax(1)), abs=1e-12)
+
+
+def test_selected_checkpoint_is_the_best_validation_auc(reference_run):
+  workdir, _, results = reference_run
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  val = {r['step']: r['auc'] for r in records if r['split'] == 'val'}
+  assert results['selected_step'] == max(val, key=val.get)
+  assert results['val']['auc'] == pytest.approx(val[results['selected_step']], abs=1e-12)
+
+
+def test_evaluate_reproduces_results_exactly(reference_run):
+  workdir, _, results = reference_run
+  for split in ('val', 'test'):
+    result = train_lib.evaluate_workdir(workdir, split)
+    assert result['step'] == results['selected_step']
+    assert result['metrics'] == results[split]
+
+
+def test_same_seed_twice_gives_identical_results(reference_run, tmp_path):
+  workdir, config, _ = reference_run
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert _results_without_run_info(str(tmp_path)) == _results_without_run_info(workdir)
+  assert _train_losses(str(tmp_path)) == _train_losses(workdir)
+
+
+def test_resume_is_bit_exact(reference_run, tmp_path):
+  workdir, config, _ = reference_run
+  stopped = train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 5}),
+                                         str(tmp_path))
+  assert stopped == {'stopped_at_step': 5}
+  assert not os.path.exists(tmp_path / 'results.json')
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert resumed['run_info']['resumed_from_step'] == 5
+  assert _results_without_run_info(str(tmp_path)) == _results_without_run_info(workdir)
+  assert _train_losses(str(tmp_path)) == _train_losses(workdir)
+  straight, again = _final_params(workdir, config), _final_params(str(tmp_path), config)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unfinished_checkpoint_is_never_resumed_from(reference_run, tmp_path):
+  """A kill during a save leaves Orbax's temporary directory; resume must ignore it."""
+  workdir, config, _ = reference_run
+  train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 3}), str(tmp_path))
+  partial = tmp_path / 'checkpoints' / '7.orbax-checkpoint-tmp-1234567890'
+  (partial / 'state').mkdir(parents=True)
+  (partial / 'state' / 'garbage').write_bytes(b'\x00' * 10)
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert results['run_info']['resumed_from_step'] == 3
+  assert _results_without_run_info(str(tmp_path)) == _results_without_run_info(workdir)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+  config = _config(**{'train.num_epochs': 1})
+  train_lib.train_and_evaluate(config, str(tmp_path))  # one good epoch: checkpoint at step 8
+  diverging = _config(**{'train.num_epochs': 2, 'optimizer.learning_rate': float('inf')})
+  with pytest.raises(train_lib.TrainingDiverged, match=r'NaN or infinite.*last good checkpoint '
+                     r'is step 8'):
+    train_lib.train_and_evaluate(diverging, str(tmp_path))
+  manager = checkpoint.make_manager(str(tmp_path), 1, 'auc', 'max')
+  assert manager.latest_step() == 8
+  params = _final_params(str(tmp_path), config)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_path):
+  workdir, _, _ = reference_run
+  script = textwrap.dedent(f"""
+      import jax
+      assert jax.device_count() == 8, jax.devices()
+      from medjax import config as config_lib, train as train_lib
+      sys_path = None
+      import importlib.util, sys
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      from test_train import _config
+      train_lib.train_and_evaluate(_config(), {str(tmp_path)!r})
+  """)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one, eight = _train_losses(workdir), _train_losses(str(tmp_path))
+  assert one.keys() == eight.keys()
+  steps = sorted(one)
+  # The same math: the first steps agree to float32 rounding; summation order differs across
+  # devices, and Adam + BatchNorm amplify that rounding a little over later steps.
+  np.testing.assert_allclose([eight[k] for k in steps[:4]], [one[k] for k in steps[:4]],
+                             rtol=1e-5)
+  np.testing.assert_allclose([eight[k] for k in steps], [one[k] for k in steps], rtol=2e-3)
+  r1, r8 = _results_without_run_info(workdir), _results_without_run_info(str(tmp_path))
+  assert r8['test']['auc'] == pytest.approx(r1['test']['auc'], abs=0.02)
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
+  train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 2}), str(tmp_path))
+  with pytest.raises(ValueError, match='checkpoint at step 2 .* does not fit this config'):
+    train_lib.train_and_evaluate(_config(**{'optimizer.name': 'sgd'}), str(tmp_path))
+
+
+def test_bad_task_and_loss_are_errors():
+  data = train_lib.load_data(_config())
+  with pytest.raises(ValueError, match="task 'multilabel' does not fit"):
+    train_lib.Experiment(config_lib.resolve(_config(task='multilabel')), data)
+  with pytest.raises(ValueError, match="unknown loss.name 'dice'"):
+    train_lib.Experiment(config_lib.resolve(_config(**{'loss.name': 'dice'})), data)
+
+
+def test_cli_train_then_evaluate(tmp_path):
+  workdir = str(tmp_path / 'w')
+  cmd = [sys.executable, '-m', 'medjax.cli']
+  proc = subprocess.run(cmd + ['train', '--config', 'configs/quickstart.py:runlocal',
+                               '--workdir', workdir, '--config.train.num_epochs=1'],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'test' in proc.stdout and 'auc' in proc.stdout
+  proc = subprocess.run(cmd + ['evaluate', '--workdir', workdir, '--split', 'test'],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed = json.loads(proc.stdout[proc.stdout.index('{'):])
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  assert printed['auc'] == results['test']['auc']
+  proc = subprocess.run(cmd + ['evaluate', '--workdir', str(tmp_path / 'nope')],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1 and 'has no config.json' in proc.stderr
