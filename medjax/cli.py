@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument('--config', required=True,
                      help='config file, optionally with an argument: configs/x.py[:runlocal]')
   train.add_argument('--workdir', required=True, help='directory for checkpoints and results')
+  multihost = train.add_argument_group(
+      'multi-host', 'start one process per host with the same command; on Cloud TPU and SLURM '
+      'use --distributed alone (addresses are detected)')
+  multihost.add_argument('--distributed', action='store_true',
+                         help='call jax.distributed.initialize() before training')
+  multihost.add_argument('--coordinator_address', default=None, help='host:port of process 0')
+  multihost.add_argument('--num_processes', type=int, default=None)
+  multihost.add_argument('--process_id', type=int, default=None)
   evaluate = sub.add_parser('evaluate', help='re-evaluate the selected checkpoint of a workdir')
   evaluate.add_argument('--workdir', required=True)
   evaluate.add_argument('--split', default='test', choices=['train', 'val', 'test'])
@@ -67,6 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'medjax: config error: {e}', file=sys.stderr)
     return 2
 
+  if args.command == 'train' and (args.distributed or args.coordinator_address):
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   from medjax import train as train_lib
   try:
     if args.command == 'train':
@@ -82,6 +92,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'medjax: error: {e}', file=sys.stderr)
     return 1
   return 0
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """``jax.distributed.initialize``; on CPU, cross-process collectives use gloo."""
+  import jax
+  if jax.config.jax_platforms in (None, '', 'cpu') or jax.config.jax_platforms == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
 
 
 def _print_metrics(results) -> None:
