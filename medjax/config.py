@@ -33,7 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.name = 'synthetic'
   # medmnist: path to the .npz file, or a directory holding '<flag>.npz'.
   c.data.path = ''
-  # medmnist: dataset flag ('breastmnist', 'pathmnist_64', ...); '' = from the file name.
+  # medmnist: dataset flag ('breastmnist', 'pathmnist_64', ...) naming <flag>.npz inside a
+  # data.path directory. When data.path is an .npz file, the file name decides instead.
   c.data.flag = ''
   # medmnist: download the official file (28 px, MD5-checked) if it is not at data.path.
   c.data.download = False

@@ -248,7 +248,7 @@ class MetricsLog:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
     for key, value in record.items():
-      if key not in ('step', 'split') and isinstance(value, (int, float)):
+      if key not in ('step', 'split') and isinstance(value, (int, float)) and np.isfinite(value):
         self.writer.add_scalar(f"{record['split']}/{key}", value, global_step=record['step'])
     self.writer.flush()
 

@@ -20,7 +20,9 @@ def load_data(config: ml_collections.ConfigDict) -> ClassificationData:
       raise ValueError('data.name=medmnist needs data.path (an .npz file or a directory) '
                        'or data.flag')
     path = medmnist.resolve_path(cfg.path, cfg.flag, cfg.download)
-    data = medmnist.load(path, cfg.flag)
+    # A file given as data.path names its own dataset (pathmnist_64.npz -> pathmnist);
+    # data.flag only finds the file inside a directory.
+    data = medmnist.load(path, '' if cfg.path.endswith('.npz') else cfg.flag)
   else:
     raise ValueError(f"unknown data.name '{cfg.name}'; expected 'synthetic' or 'medmnist'")
   return data.take(cfg.max_examples)
