@@ -317,8 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   stop = {'requested': False}
   previous_handler = None
-  if _is_main() and hasattr(signal, 'SIGTERM'):
-    def on_sigterm(signum, frame):  # preemption: save at the next step boundary, then exit
+  # Preemption: save at the next step boundary, then exit. Single-process only: every host of
+  # a multi-host run would have to agree on the step.
+  if jax.process_count() == 1 and hasattr(signal, 'SIGTERM'):
+    def on_sigterm(signum, frame):
       stop['requested'] = True
     try:
       previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
@@ -327,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   def meta(step, pending=()):
     return {'step': step, 'epoch': step / exp.steps_per_epoch,
-            'pending_train_losses': [float(x) for x in pending]}
+            'pending_train_losses': [float(x) for x in jax.device_get(list(pending))]}
 
   def check_finite(step, values):
     if not np.all(np.isfinite(values)):
@@ -357,17 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       eval_now = step % eval_every == 0 or step == exp.total_steps
       stop_now = stop['requested'] or (tcfg.stop_after_steps and
                                        step - start_step >= tcfg.stop_after_steps)
-      if stop_now and not (log_now or eval_now):
-        # Keep the unlogged losses in the checkpoint: the resumed run logs them as an
-        # uninterrupted run would.
+      if log_now or eval_now or stop_now:
         values = np.asarray(jax.device_get(pending_losses), np.float64)
         check_finite(step, values)
-        checkpoint.save(manager, step, state, meta(step, values))
-        print(f'Stopped at step {step}; run the same command again to resume.')
-        return {'stopped_at_step': step}
       if log_now or eval_now:
-        values = np.asarray(jax.device_get(pending_losses), np.float64)
-        check_finite(step, values)
         elapsed = time.time() - interval_start
         record = {'step': step, 'epoch': step / exp.steps_per_epoch, 'split': 'train',
                   'loss': float(values.mean()), 'learning_rate': float(exp.schedule(step - 1)),
@@ -383,9 +378,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                    **_scalars(val_metrics)})
         checkpoint.save(manager, step, state, meta(step), _scalars(val_metrics))
         interval_start = time.time()
-      elif stop_now:
-        checkpoint.save(manager, step, state, meta(step))
       if stop_now:
+        if not eval_now:
+          # Unlogged losses travel in the checkpoint, so the resumed run logs exactly what
+          # an uninterrupted run would.
+          checkpoint.save(manager, step, state, meta(step, pending_losses))
         print(f'Stopped at step {step}; run the same command again to resume.')
         return {'stopped_at_step': step}
   finally:
@@ -402,14 +399,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   return results
 
 
-def finalize(exp: Experiment, manager, workdir: str,
-             step: Optional[int] = None) -> Dict[str, Any]:
-  """Evaluates the selected (best) checkpoint on val and test; writes predictions files."""
-  selected = step if step is not None else manager.best_step()
+def _selected_step(manager, workdir: str, step: Optional[int] = None) -> int:
+  """``step`` if given, else the best checkpoint by the selection metric (else the latest)."""
+  if step is not None:
+    if step not in manager.all_steps():
+      raise ValueError(f'no checkpoint at step {step}; available: {manager.all_steps()}')
+    return step
+  selected = manager.best_step()
   if selected is None:
     selected = manager.latest_step()
   if selected is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
+  return selected
+
+
+def finalize(exp: Experiment, manager, workdir: str,
+             step: Optional[int] = None) -> Dict[str, Any]:
+  """Evaluates the selected (best) checkpoint on val and test; writes predictions files."""
+  selected = _selected_step(manager, workdir, step)
   state, meta = checkpoint.restore(manager, selected, exp.abstract_state())
   results: Dict[str, Any] = {
       'selected_step': int(selected), 'selected_epoch': meta['epoch'],
@@ -441,13 +448,7 @@ def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = No
   exp = Experiment(config, data)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
                                     config.train.selection_metric, config.train.selection_mode)
-  selected = step if step is not None else manager.best_step()
-  if selected is None:
-    selected = manager.latest_step()
-  if selected is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
-  if selected not in manager.all_steps():
-    raise ValueError(f'no checkpoint at step {selected}; available: {manager.all_steps()}')
+  selected = _selected_step(manager, workdir, step)
   state, _ = checkpoint.restore(manager, selected, exp.abstract_state())
   split_metrics, predictions = exp.evaluate(state, split)
   result = {'split': split, 'step': int(selected), 'metrics': split_metrics}

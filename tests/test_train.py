@@ -254,3 +254,28 @@ def test_paper_recipe_on_unseen_medmnist_layouts(name, shape, num_classes, label
   assert pred['scores'].shape == (32, expected_width)
   exp = train_lib.Experiment(config_lib.resolve(config), train_lib.load_data(config))
   assert exp.num_outputs == outputs
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+  import signal
+  import time
+  workdir = str(tmp_path / 'w')
+  cmd = [sys.executable, '-m', 'medjax.cli', 'train', '--config', 'configs/quickstart.py:runlocal',
+         '--workdir', workdir, '--config.train.num_epochs=200']
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  while time.time() < deadline and not (os.path.exists(metrics_path) and
+                                        os.path.getsize(metrics_path) > 0):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  stopped = int(out.split('Stopped at step ')[1].split(';')[0])
+  manager = checkpoint.make_manager(workdir, 1, 'auc', 'max')
+  assert manager.latest_step() == stopped
+  results = train_lib.train_and_evaluate(
+      config_lib.apply_overrides(config_lib.load_config_file('configs/quickstart.py:runlocal'),
+                                 ['train.num_epochs=1' if stopped < 8 else
+                                  f'train.num_epochs={stopped // 8 + 1}']), workdir)
+  assert results['run_info']['resumed_from_step'] == stopped

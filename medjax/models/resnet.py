@@ -28,6 +28,15 @@ def _last_norm_scale(zero: bool):
   return nn.initializers.zeros_init() if zero else nn.initializers.ones_init()
 
 
+def _shortcut(block: nn.Module, residual: jax.Array, y: jax.Array) -> jax.Array:
+  """Identity, or a strided 1x1 convolution + norm where the block changes the shape."""
+  if residual.shape == y.shape:
+    return residual
+  residual = block.conv(y.shape[-1], (1,) * block.nd, (block.strides,) * block.nd,
+                        name='proj_conv')(residual)
+  return block.norm(name='proj_norm')(residual)
+
+
 class BasicBlock(nn.Module):
   features: int
   strides: int
@@ -43,11 +52,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(self.norm()(y))
     y = self.conv(self.features, (3,) * self.nd)(y)
     y = self.norm(scale_init=_last_norm_scale(self.zero_init_last))(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.features, (1,) * self.nd, (self.strides,) * self.nd,
-                           name='proj_conv')(residual)
-      residual = self.norm(name='proj_norm')(residual)
-    return nn.relu(residual + y)
+    return nn.relu(_shortcut(self, residual, y) + y)
 
 
 class Bottleneck(nn.Module):
@@ -67,11 +72,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(self.norm()(y))
     y = self.conv(self.features * self.expansion, (1,) * self.nd)(y)
     y = self.norm(scale_init=_last_norm_scale(self.zero_init_last))(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.features * self.expansion, (1,) * self.nd,
-                           (self.strides,) * self.nd, name='proj_conv')(residual)
-      residual = self.norm(name='proj_norm')(residual)
-    return nn.relu(residual + y)
+    return nn.relu(_shortcut(self, residual, y) + y)
 
 
 class ResNet(nn.Module):
