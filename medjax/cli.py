@@ -3,6 +3,7 @@
   medjax train --config configs/quickstart.py --workdir runs/quickstart [--config.KEY=VALUE ...]
   medjax train --config configs/breastmnist.py:runlocal --workdir /tmp/b
   medjax evaluate --workdir runs/quickstart --split test [--step N]
+  medjax data check ../shared/data/msd_hippocampus [--json fingerprint.json]
 
 Running ``train`` again on the same workdir resumes from its latest checkpoint.
 """
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument('--split', default='test', choices=['train', 'val', 'test'])
   evaluate.add_argument('--step', type=int, default=None,
                         help='checkpoint step (default: the selected best one)')
+  data = sub.add_parser('data', help='dataset tools')
+  data_sub = data.add_subparsers(dest='data_command', required=True)
+  check = data_sub.add_parser('check', help='validate every case of a dataset and print its '
+                              'fingerprint (shapes, spacings, classes, problems)')
+  check.add_argument('path', help='dataset folder (MSD dataset.json or image/label folders)')
+  check.add_argument('--json', default=None, help='also write the full report here')
+  check.add_argument('--max_cases', type=int, default=0, help='check only the first N cases')
   return parser
 
 
@@ -63,6 +71,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = _parser().parse_args(rest)
+
+  if args.command == 'data':
+    return _data_check(args)
 
   from medjax import config as config_lib  # after parsing: --help stays fast
   try:
@@ -92,6 +103,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'medjax: error: {e}', file=sys.stderr)
     return 1
   return 0
+
+
+def _data_check(args) -> int:
+  """Exit status 0 if every case is valid, 1 if problems were found or nothing was read."""
+  from medjax.data import layouts
+  try:
+    report = layouts.check_dataset(args.path, args.max_cases)
+  except ValueError as e:
+    print(f'medjax: error: {e}', file=sys.stderr)
+    return 1
+  print(layouts.format_report(report))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(report, f, indent=2)
+  return 1 if report['problems'] else 0
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,

@@ -1,0 +1,245 @@
+"""Segmentation dataset layouts, whole-dataset validation and the dataset fingerprint.
+
+Layouts found by :func:`find_cases`:
+
+* Medical Segmentation Decathlon: ``dataset.json`` with ``training: [{image, label}]``,
+  ``labels`` and ``modality`` (``imagesTr/``, ``labelsTr/``).
+* A plain folder of pairs: ``imagesTr/`` + ``labelsTr/``, ``images/`` + ``labels/`` (or
+  ``masks/``), or ``image/`` + ``label/``, matched by file name; NIfTI volumes or 2D images
+  (PNG, TIFF, JPEG, BMP). A ``train/`` subfolder holding one of these is used too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from medjax.data import nifti
+
+NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg', '.bmp')
+_PAIR_DIRS = (('imagesTr', 'labelsTr'), ('images', 'labels'), ('images', 'masks'),
+              ('image', 'label'), ('image', 'mask'))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  case_id: str
+  image: str
+  label: Optional[str]
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  root: str
+  layout: str                      # 'msd' | 'folder'
+  spatial_dims: int                # 3 for NIfTI, 2 for image files
+  cases: List[Case]
+  class_names: Optional[List[str]]  # from dataset.json; None = infer from the labels
+  modality: str = 'unknown'
+
+
+def _strip_suffix(name: str) -> str:
+  for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES:
+    if name.lower().endswith(suffix):
+      return name[:-len(suffix)]
+  return name
+
+
+def _is_data_file(name: str) -> bool:
+  return name.lower().endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES) and not name.startswith('.')
+
+
+def _msd(root: str) -> DatasetInfo:
+  path = os.path.join(root, 'dataset.json')
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
+  if 'training' not in meta:
+    raise ValueError(f"{path}: no 'training' list")
+  cases = []
+  for entry in meta['training']:
+    image = os.path.normpath(os.path.join(root, entry['image']))
+    label = os.path.normpath(os.path.join(root, entry['label'])) if entry.get('label') else None
+    cases.append(Case(_strip_suffix(os.path.basename(image)), image, label))
+  labels = meta.get('labels', {})
+  class_names = [labels[k] for k in sorted(labels, key=int)] if labels else None
+  modality = ','.join(str(v) for _, v in sorted(meta.get('modality', {}).items())) or 'unknown'
+  return DatasetInfo(root, 'msd', 3, cases, class_names, modality)
+
+
+def _folder(root: str) -> Optional[DatasetInfo]:
+  for base in (root, os.path.join(root, 'train')):
+    for image_dir, label_dir in _PAIR_DIRS:
+      images = os.path.join(base, image_dir)
+      labels = os.path.join(base, label_dir)
+      if not (os.path.isdir(images) and os.path.isdir(labels)):
+        continue
+      label_files = {_strip_suffix(f): os.path.join(labels, f)
+                     for f in os.listdir(labels) if _is_data_file(f)}
+      cases = [Case(_strip_suffix(f), os.path.join(images, f), label_files.get(_strip_suffix(f)))
+               for f in sorted(os.listdir(images)) if _is_data_file(f)]
+      dims = 3 if cases and cases[0].image.lower().endswith(NIFTI_SUFFIXES) else 2
+      return DatasetInfo(root, 'folder', dims, cases, None)
+  return None
+
+
+def find_cases(root: str) -> DatasetInfo:
+  """Finds image/label pairs under ``root``; raises ValueError if none can be found."""
+  if not os.path.isdir(root):
+    raise ValueError(f'{root}: not a directory')
+  if os.path.exists(os.path.join(root, 'dataset.json')):
+    info = _msd(root)
+  else:
+    info = _folder(root)
+    if info is None:
+      raise ValueError(f'{root}: no dataset.json and no image/label folders '
+                       f"({', '.join('/'.join(p) for p in _PAIR_DIRS)})")
+  if not info.cases:
+    raise ValueError(f'{root}: the dataset is empty (no image files found)')
+  return info
+
+
+def read_image_2d(path: str, kind: str = 'image') -> np.ndarray:
+  """A 2D image ``[H, W, C]`` (float32) or label map ``[H, W]`` (int32).
+
+  Binary masks stored as {0, 255} are mapped to {0, 1}.
+  """
+  from PIL import Image, UnidentifiedImageError
+  if not os.path.isfile(path):
+    raise nifti.VolumeError(f'{path}: file not found')
+  try:
+    with Image.open(path) as im:
+      array = np.asarray(im)
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise nifti.VolumeError(f'{path}: corrupt or unreadable image ({e})') from None
+  if kind == 'image':
+    array = array.astype(np.float32)
+    if array.ndim == 2:
+      array = array[..., None]
+    if not np.all(np.isfinite(array)):
+      raise nifti.VolumeError(f'{path}: NaN or infinite pixels')
+    return array
+  if array.ndim == 3:
+    if array.shape[2] > 1 and not np.all(array == array[..., :1]):
+      raise nifti.VolumeError(f'{path}: label image has {array.shape[2]} differing channels')
+    array = array[..., 0]
+  values = np.unique(array)
+  if set(values.tolist()) <= {0, 255}:
+    array = (array == 255)
+  return array.astype(np.int32)
+
+
+def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int]) -> Dict:
+  """Reads and checks one case; returns its fingerprint entry."""
+  if info.spatial_dims == 3:
+    image = nifti.read_volume(case.image, 'image')
+    entry = {'case': case.case_id, 'shape': list(image.array.shape),
+             'spacing_mm': [round(s, 6) for s in image.spacing],
+             'axcodes': ''.join(image.axcodes)}
+    image_array = image.array
+    if case.label is not None:
+      label = nifti.read_volume(case.label, 'label', num_classes)
+      nifti.check_pair(image, label)
+      label_array = label.array
+  else:
+    image_array = read_image_2d(case.image, 'image')
+    entry = {'case': case.case_id, 'shape': list(image_array.shape[:2]),
+             'channels': int(image_array.shape[2])}
+    if case.label is not None:
+      label_array = read_image_2d(case.label, 'label')
+      if label_array.shape != image_array.shape[:2]:
+        raise nifti.VolumeError(f'{case.label}: label shape {label_array.shape} differs from '
+                                f'image {case.image} shape {image_array.shape[:2]}')
+      if num_classes is not None and label_array.max() >= num_classes:
+        raise nifti.VolumeError(f'{case.label}: labels outside 0..{num_classes - 1}')
+  if case.label is None:
+    entry['label'] = None
+    foreground = np.ones(image_array.shape[:info.spatial_dims], bool)
+  else:
+    values, counts = np.unique(label_array, return_counts=True)
+    entry['label_voxels'] = {str(int(v)): int(c) for v, c in zip(values, counts)}
+    foreground = label_array > 0
+  values = image_array[foreground] if foreground.any() else image_array.reshape(-1)
+  entry['intensity'] = {
+      'min': float(image_array.min()), 'max': float(image_array.max()),
+      'foreground_mean': float(values.mean()), 'foreground_std': float(values.std()),
+      'foreground_p00_5': float(np.percentile(values, 0.5)),
+      'foreground_p99_5': float(np.percentile(values, 99.5))}
+  return entry
+
+
+def check_dataset(root: str, max_cases: int = 0) -> Dict:
+  """Validates every case and computes the dataset fingerprint.
+
+  Returns a dict with ``cases`` (per-case shape, spacing, orientation, intensity and label
+  statistics), ``problems`` (one line per bad file: path and what is wrong) and ``summary``
+  (counts, median shape and spacing, class frequencies, suggested target spacing).
+  """
+  info = find_cases(root)
+  num_classes = len(info.class_names) if info.class_names else None
+  cases = info.cases[:max_cases] if max_cases else info.cases
+  entries, problems = [], []
+  for case in cases:
+    if case.label is None:
+      problems.append(f'{case.image}: no label file for case {case.case_id}')
+    try:
+      entries.append(_case_stats(info, case, num_classes))
+    except nifti.VolumeError as e:
+      problems.append(str(e))
+  summary: Dict = {'root': os.path.abspath(root), 'layout': info.layout,
+                   'spatial_dims': info.spatial_dims, 'modality': info.modality,
+                   'cases': len(cases), 'valid_cases': len(entries),
+                   'class_names': info.class_names}
+  if entries:
+    shapes = np.array([e['shape'] for e in entries])
+    summary['shape_min'] = shapes.min(axis=0).tolist()
+    summary['shape_median'] = np.median(shapes, axis=0).tolist()
+    summary['shape_max'] = shapes.max(axis=0).tolist()
+    if info.spatial_dims == 3:
+      spacings = np.array([e['spacing_mm'] for e in entries])
+      summary['spacing_median_mm'] = np.median(spacings, axis=0).tolist()
+      summary['spacing_min_mm'] = spacings.min(axis=0).tolist()
+      summary['spacing_max_mm'] = spacings.max(axis=0).tolist()
+      # nnU-Net's default: the median spacing of the training cases.
+      summary['suggested_target_spacing_mm'] = summary['spacing_median_mm']
+      summary['axcodes'] = sorted({e['axcodes'] for e in entries})
+    totals: Dict[str, int] = {}
+    for e in entries:
+      for k, v in (e.get('label_voxels') or {}).items():
+        totals[k] = totals.get(k, 0) + v
+    total = sum(totals.values())
+    if total:
+      summary['class_voxel_fraction'] = {k: v / total for k, v in sorted(totals.items(),
+                                                                        key=lambda kv: int(kv[0]))}
+    summary['foreground_intensity_p00_5'] = float(np.median(
+        [e['intensity']['foreground_p00_5'] for e in entries]))
+    summary['foreground_intensity_p99_5'] = float(np.median(
+        [e['intensity']['foreground_p99_5'] for e in entries]))
+  return {'summary': summary, 'problems': problems, 'cases': entries}
+
+
+def format_report(report: Dict) -> str:
+  s = report['summary']
+  lines = [f"{s['root']}: {s['layout']} layout, {s['spatial_dims']}D, modality {s['modality']}",
+           f"cases: {s['cases']} ({s['valid_cases']} valid)"]
+  if s.get('class_names'):
+    lines.append(f"classes: {', '.join(f'{i}={n}' for i, n in enumerate(s['class_names']))}")
+  for key in ('shape_min', 'shape_median', 'shape_max', 'spacing_median_mm', 'spacing_min_mm',
+              'spacing_max_mm', 'axcodes', 'suggested_target_spacing_mm',
+              'class_voxel_fraction', 'foreground_intensity_p00_5',
+              'foreground_intensity_p99_5'):
+    if key in s:
+      value = s[key]
+      if isinstance(value, dict):
+        value = ', '.join(f'{k}: {v:.4f}' for k, v in value.items())
+      lines.append(f'{key}: {value}')
+  lines.append(f"problems: {len(report['problems'])}")
+  lines.extend(f'  - {p}' for p in report['problems'])
+  return '\n'.join(lines)
