@@ -1,0 +1,225 @@
+"""Prepare a segmentation dataset once into an uncompressed cache; seeded k-fold splits.
+
+Preparing a case: read and validate -> reorient to RAS (3D) -> resample to the target spacing
+(linear image, nearest label) -> crop to the image's nonzero region -> normalise intensities.
+Arrays are stored as ``.npy`` (memory-mapped on read: no per-sample decompression) with a
+JSON record of every step, so a prediction on the prepared grid maps back exactly onto the
+original file (:func:`restore_original_grid`).
+
+Prepared arrays: image ``[*spatial, C]`` float32, label ``[*spatial]`` uint8; spatial is
+``(X, Y, Z)`` in RAS order for volumes, ``(H, W)`` for 2D images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from medjax.data import intensity, layouts, nifti
+
+CACHE_VERSION = 1
+MAX_CLASS_LOCATIONS = 10000  # foreground voxels remembered per class, for oversampling
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+  """How cases are prepared.
+
+  Attributes:
+    target_spacing: mm per axis; None keeps each case's spacing, 'auto' uses the dataset's
+      median spacing (nnU-Net's default). 3D only.
+    normalization: 'zscore' (per case), 'zscore_nonzero' (statistics over nonzero voxels),
+      'ct' (window ``ct_window`` HU to [0, 1]), 'percentile' (clip to ``percentiles`` then
+      z-score), or 'none'.
+    crop_nonzero: crop each case to the bounding box of its nonzero image voxels.
+  """
+  target_spacing: Optional[Tuple[float, ...] | str] = None
+  normalization: str = 'zscore'
+  ct_window: Tuple[float, float] = (-1000.0, 1000.0)
+  percentiles: Tuple[float, float] = (0.5, 99.5)
+  crop_nonzero: bool = True
+
+  def key(self) -> str:
+    text = json.dumps([CACHE_VERSION, dataclasses.asdict(self)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def normalise(image: np.ndarray, options: PrepareOptions) -> np.ndarray:
+  if options.normalization == 'zscore':
+    return intensity.zscore(image)
+  if options.normalization == 'zscore_nonzero':
+    return intensity.zscore(image, nonzero=True)
+  if options.normalization == 'ct':
+    return intensity.window(image, *options.ct_window)
+  if options.normalization == 'percentile':
+    return intensity.zscore(intensity.percentile_clip(image, *options.percentiles))
+  if options.normalization == 'none':
+    return image.astype(np.float32)
+  raise ValueError(f"unknown normalization '{options.normalization}'; expected zscore, "
+                   'zscore_nonzero, ct, percentile or none')
+
+
+def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> Dict:
+  """Up to MAX_CLASS_LOCATIONS voxel coordinates of each foreground class present."""
+  out = {}
+  for k in range(1, num_classes):
+    coords = np.argwhere(label == k)
+    if len(coords) > MAX_CLASS_LOCATIONS:
+      coords = coords[rng.choice(len(coords), MAX_CLASS_LOCATIONS, replace=False)]
+    if len(coords):
+      out[str(k)] = coords.astype(np.int32)
+  return out
+
+
+def _prepare_case(info: layouts.DatasetInfo, case: layouts.Case, options: PrepareOptions,
+                  target_spacing, num_classes: Optional[int]):
+  if info.spatial_dims == 3:
+    image = nifti.to_canonical(nifti.read_volume(case.image, 'image'))
+    label = nifti.to_canonical(nifti.read_volume(case.label, 'label', num_classes))
+    nifti.check_pair(image, label)
+    record = {'original_shape': list(image.original_shape),
+              'original_affine': image.original_affine.tolist(),
+              'to_canonical': image.to_current.tolist(),
+              'canonical_shape': list(image.array.shape),
+              'canonical_affine': image.affine.tolist(),
+              'original_spacing_mm': list(image.spacing)}
+    if target_spacing is not None:
+      image = nifti.resample(image, target_spacing, order=1)
+      label = nifti.resample(label, target_spacing, order=0)
+    record['resampled_shape'] = list(image.array.shape)
+    record['spacing_mm'] = list(image.spacing)
+    record['affine'] = image.affine.tolist()
+    image_array, label_array = image.array[..., None], label.array
+  else:
+    image_array = layouts.read_image_2d(case.image, 'image')
+    label_array = layouts.read_image_2d(case.label, 'label')
+    if label_array.shape != image_array.shape[:2]:
+      raise nifti.VolumeError(f'{case.label}: label shape {label_array.shape} differs from '
+                              f'image {case.image} shape {image_array.shape[:2]}')
+    record = {'original_shape': list(label_array.shape),
+              'resampled_shape': list(label_array.shape)}
+  spatial = label_array.ndim
+  if options.crop_nonzero:
+    box = intensity.foreground_bbox(np.any(image_array != 0, axis=-1))
+  else:
+    box = tuple(slice(0, n) for n in label_array.shape)
+  record['crop_box'] = [[s.start, s.stop] for s in box]
+  image_array = image_array[box]
+  label_array = label_array[box]
+  channels = [normalise(image_array[..., c], options) for c in range(image_array.shape[-1])]
+  image_array = np.stack(channels, axis=-1).astype(np.float32)
+  record['shape'] = list(label_array.shape)
+  record['spatial_dims'] = spatial
+  return image_array, label_array.astype(np.uint8), record
+
+
+@dataclasses.dataclass
+class PreparedDataset:
+  """A prepared cache: case ids, class names and the per-case records."""
+  directory: str
+  case_ids: List[str]
+  class_names: List[str]
+  spatial_dims: int
+  records: Dict[str, Dict]
+  fingerprint: Dict
+
+  def load(self, case_id: str, mmap: bool = True) -> Tuple[np.ndarray, np.ndarray, Dict]:
+    """(image ``[*spatial, C]``, label ``[*spatial]``, class locations) of one case."""
+    mode = 'r' if mmap else None
+    base = os.path.join(self.directory, 'cases', case_id)
+    image = np.load(base + '_image.npy', mmap_mode=mode)
+    label = np.load(base + '_label.npy', mmap_mode=mode)
+    with np.load(base + '_locations.npz') as f:
+      locations = {k: f[k] for k in f.files}
+    return image, label, locations
+
+
+def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions(),
+            max_cases: int = 0) -> PreparedDataset:
+  """Prepares every case of ``root`` once into ``cache_root/<options hash>/``.
+
+  A second call with the same options reads the manifest and returns at once. Any bad
+  case stops preparation before training, with every problem listed.
+  """
+  directory = os.path.join(cache_root, options.key())
+  manifest_path = os.path.join(directory, 'manifest.json')
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    if manifest['root'] == os.path.abspath(root) and manifest['max_cases'] == max_cases:
+      return PreparedDataset(directory, manifest['case_ids'], manifest['class_names'],
+                             manifest['spatial_dims'], manifest['records'],
+                             manifest['fingerprint'])
+  report = layouts.check_dataset(root, max_cases)
+  if report['problems']:
+    raise ValueError(f'{root}: {len(report["problems"])} problem(s) found; fix them or remove '
+                     'the cases:\n' + '\n'.join(report['problems']))
+  info = layouts.find_cases(root)
+  cases = info.cases[:max_cases] if max_cases else info.cases
+  summary = report['summary']
+  if info.class_names:
+    class_names = list(info.class_names)
+  else:
+    top = max(int(k) for e in report['cases'] for k in e['label_voxels'])
+    class_names = [str(k) for k in range(top + 1)]
+  target = options.target_spacing
+  if target == 'auto':
+    target = tuple(summary['spacing_median_mm']) if info.spatial_dims == 3 else None
+  os.makedirs(os.path.join(directory, 'cases'), exist_ok=True)
+  rng = np.random.default_rng(0)
+  records = {}
+  for case in cases:
+    image, label, record = _prepare_case(info, case, options, target, len(class_names))
+    base = os.path.join(directory, 'cases', case.case_id)
+    np.save(base + '_image.npy', image)
+    np.save(base + '_label.npy', label)
+    np.savez(base + '_locations.npz', **class_locations(label, len(class_names), rng))
+    record.update(image=case.image, label=case.label)
+    records[case.case_id] = record
+  manifest = {'root': os.path.abspath(root), 'max_cases': max_cases,
+              'options': dataclasses.asdict(options), 'target_spacing_mm': target,
+              'case_ids': [c.case_id for c in cases], 'class_names': class_names,
+              'spatial_dims': info.spatial_dims, 'records': records, 'fingerprint': summary}
+  tmp = manifest_path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(manifest, f, default=list)
+  os.replace(tmp, manifest_path)  # the manifest appears only once every case is written
+  return PreparedDataset(directory, manifest['case_ids'], class_names, info.spatial_dims,
+                         records, summary)
+
+
+def restore_original_grid(prediction: np.ndarray, record: Dict) -> np.ndarray:
+  """Maps a label map on the prepared grid back onto the original file's voxel grid.
+
+  Undoes, in reverse order: the crop (background outside), the resampling (nearest) and
+  the reorientation. The result has the original file's shape and axis order.
+  """
+  full = np.zeros(record['resampled_shape'], prediction.dtype)
+  full[tuple(slice(a, b) for a, b in record['crop_box'])] = prediction
+  if 'canonical_shape' not in record:
+    return full
+  full = nifti.resample_to_shape(full, record['canonical_shape'], order=0)
+  volume = nifti.Volume(array=full, affine=np.array(record['canonical_affine']), path='',
+                        original_affine=np.array(record['original_affine']),
+                        original_shape=tuple(record['original_shape']),
+                        to_current=np.array(record['to_canonical']))
+  return nifti.from_canonical(full, volume)
+
+
+def kfold_split(case_ids: Sequence[str], num_folds: int, fold: int,
+                seed: int) -> Dict[str, List[str]]:
+  """Seeded k-fold split of the sorted case ids: {'train': [...], 'val': [...]}."""
+  if not 0 <= fold < num_folds:
+    raise ValueError(f'fold must be in [0, {num_folds - 1}], got {fold}')
+  ids = sorted(case_ids)
+  if len(ids) < num_folds:
+    raise ValueError(f'{len(ids)} cases cannot make {num_folds} folds')
+  order = np.random.default_rng(seed).permutation(len(ids))
+  folds = np.array_split(order, num_folds)
+  val = sorted(ids[i] for i in folds[fold])
+  return {'train': [c for c in ids if c not in set(val)], 'val': val}
