@@ -1,0 +1,130 @@
+"""U-Net in 2D and 3D from one definition (Ronneberger et al. 2015; nnU-Net's layout).
+
+Input ``[B, *spatial, C]`` (rank decides 2D or 3D); output logits ``[B, *spatial, K]``.
+With ``deep_supervision`` and ``train=True`` the output is a list: full resolution first,
+then the logits of each coarser decoder level (for deep-supervision losses).
+
+Spatial sizes must be divisible by the product of ``strides`` (pad with
+``medjax.data.intensity.pad_to_multiple``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medjax.models.layers import kernel_init, spatial_dims
+from medjax.models.registry import register_model
+
+
+def _norm(kind: str, train: bool, name: str):
+  if kind == 'instance':
+    return nn.InstanceNorm(epsilon=1e-5, name=name)
+  if kind == 'batch':
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  if kind == 'group':
+    return nn.GroupNorm(num_groups=8, epsilon=1e-5, name=name)
+  raise ValueError(f"unknown norm '{kind}'; expected 'instance', 'batch' or 'group'")
+
+
+class ConvBlock(nn.Module):
+  """``n`` x (conv 3 - norm - LeakyReLU); the first conv may be strided. ``residual`` adds
+  a (projected) shortcut around the block (MONAI's residual units)."""
+  features: int
+  strides: int
+  num_convs: int
+  norm: str
+  residual: bool
+  negative_slope: float
+  initializer: str
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    nd = x.ndim - 2
+    conv = functools.partial(nn.Conv, kernel_size=(3,) * nd, padding='SAME',
+                             kernel_init=kernel_init(self.initializer))
+    shortcut = x
+    for i in range(self.num_convs):
+      x = conv(self.features, strides=(self.strides if i == 0 else 1,) * nd,
+               name=f'conv{i}')(x)
+      x = _norm(self.norm, train, f'norm{i}')(x)
+      if not (self.residual and i == self.num_convs - 1):
+        x = nn.leaky_relu(x, self.negative_slope)
+    if self.residual:
+      if shortcut.shape != x.shape:
+        shortcut = nn.Conv(self.features, (1,) * nd, strides=(self.strides,) * nd,
+                           kernel_init=kernel_init(self.initializer), name='shortcut')(shortcut)
+      x = nn.leaky_relu(x + shortcut, self.negative_slope)
+    return x
+
+
+@register_model('unet')
+class UNet(nn.Module):
+  """Encoder-decoder with skip connections.
+
+  Attributes:
+    num_outputs: classes (output channels).
+    features: channels per level, e.g. nnU-Net's (32, 64, 128, 256, 320).
+    strides: downsampling of each level's first conv (the first is usually 1).
+    convs_per_block: convolutions per encoder and decoder block.
+    block: 'plain' (conv-norm-LeakyReLU, nnU-Net) or 'residual' (MONAI's residual units).
+    norm: 'instance', 'batch' or 'group'.
+    upsample: 'transpose' (transposed convolution) or 'resize' (linear resize + 1x1 conv;
+      avoids the slow 3D transposed-convolution backward pass of some backends).
+    deep_supervision: also return lower-resolution logits when training.
+  """
+  num_outputs: int
+  features: Sequence[int] = (32, 64, 128, 256, 320)
+  strides: Sequence[int] = (1, 2, 2, 2, 2)
+  convs_per_block: int = 2
+  block: str = 'plain'
+  norm: str = 'instance'
+  upsample: str = 'transpose'
+  deep_supervision: bool = False
+  negative_slope: float = 0.01
+  initializer: str = 'he'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    nd = spatial_dims(x)
+    if len(self.features) != len(self.strides):
+      raise ValueError(f'features {self.features} and strides {self.strides} differ in length')
+    if self.block not in ('plain', 'residual'):
+      raise ValueError(f"unknown block '{self.block}'; expected 'plain' or 'residual'")
+    if self.upsample not in ('transpose', 'resize'):
+      raise ValueError(f"unknown upsample '{self.upsample}'; expected 'transpose' or 'resize'")
+    total = 1
+    for s in self.strides:
+      total *= s
+    if any(n % total for n in x.shape[1:-1]):
+      raise ValueError(f'spatial size {x.shape[1:-1]} is not divisible by the total stride '
+                       f'{total}; pad the input (medjax.data.intensity.pad_to_multiple)')
+    block = functools.partial(ConvBlock, num_convs=self.convs_per_block, norm=self.norm,
+                              residual=self.block == 'residual',
+                              negative_slope=self.negative_slope, initializer=self.initializer)
+    skips = []
+    for level, (f, s) in enumerate(zip(self.features, self.strides)):
+      x = block(f, s, name=f'encoder{level}')(x, train)
+      skips.append(x)
+    outputs = []
+    for level in range(len(self.features) - 2, -1, -1):
+      f, s = self.features[level], self.strides[level + 1]
+      if self.upsample == 'transpose':
+        x = nn.ConvTranspose(f, (s,) * nd, strides=(s,) * nd,
+                             kernel_init=kernel_init(self.initializer), name=f'up{level}')(x)
+      else:
+        x = jax.image.resize(x, x.shape[:1] + skips[level].shape[1:-1] + x.shape[-1:], 'linear')
+        x = nn.Conv(f, (1,) * nd, kernel_init=kernel_init(self.initializer),
+                    name=f'up{level}')(x)
+      x = jnp.concatenate([x, skips[level]], axis=-1)
+      x = block(f, 1, name=f'decoder{level}')(x, train)
+      if self.deep_supervision and level > 0:
+        outputs.append(nn.Conv(self.num_outputs, (1,) * nd, name=f'ds_head{level}')(x))
+    logits = nn.Conv(self.num_outputs, (1,) * nd, name='head')(x).astype(jnp.float32)
+    if self.deep_supervision and train:
+      return [logits] + [o.astype(jnp.float32) for o in reversed(outputs)]
+    return logits
