@@ -1,0 +1,94 @@
+"""Sliding-window inference over whole images and volumes.
+
+Windows of ``roi_size`` tile the input with the given ``overlap``; their outputs are blended
+with a Gaussian (centre-weighted, as nnU-Net) or constant weight map. Windows are predicted
+``batch_size`` at a time, and the accumulators live in host memory, so device memory is
+bounded by one batch of windows whatever the volume size. Optional mirroring test-time
+augmentation averages the predictions of every combination of flips of ``mirror_axes``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+  """Start indices covering ``[0, size)`` with windows of ``roi`` (nnU-Net's spacing)."""
+  if roi >= size:
+    return [0]
+  step = max(1, int(roi * (1.0 - overlap)))
+  count = math.ceil((size - roi) / step) + 1
+  return [int(round(x)) for x in np.linspace(0, size - roi, count)]
+
+
+def blend_weights(roi_size: Sequence[int], mode: str = 'gaussian',
+                  sigma_scale: float = 0.125) -> np.ndarray:
+  """``[*roi]`` weights: Gaussian with sigma = ``sigma_scale * roi`` per axis, or ones."""
+  if mode == 'constant':
+    return np.ones(roi_size, np.float32)
+  if mode != 'gaussian':
+    raise ValueError(f"unknown blend mode '{mode}'; expected 'gaussian' or 'constant'")
+  axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (sigma_scale * n)) ** 2)
+          for n in roi_size]
+  weights = axes[0]
+  for a in axes[1:]:
+    weights = np.multiply.outer(weights, a)
+  weights = weights / weights.max()
+  return np.maximum(weights, 1e-3).astype(np.float32)  # no zero weight at window edges
+
+
+def sliding_window(predict: PredictFn, image: np.ndarray, roi_size: Sequence[int], *,
+                   overlap: float = 0.5, blend: str = 'gaussian', batch_size: int = 4,
+                   mirror_axes: Sequence[int] = ()) -> np.ndarray:
+  """Predicts a whole image by blended windows.
+
+  Args:
+    predict: maps windows ``[N, *roi, C]`` to outputs ``[N, *roi, K]`` (e.g. softmax
+      probabilities of a jit-compiled model).
+    image: ``[*spatial, C]``.
+    roi_size: window size; an image smaller than it is zero-padded and cropped back.
+    overlap: fraction of a window shared with its neighbour, in [0, 1).
+    mirror_axes: spatial axes to mirror for test-time augmentation (all 2^n combinations).
+  Returns:
+    ``[*spatial, K]`` float32.
+  """
+  if not 0.0 <= overlap < 1.0:
+    raise ValueError(f'overlap must be in [0, 1), got {overlap}')
+  spatial = image.shape[:-1]
+  roi = tuple(int(r) for r in roi_size)
+  if len(roi) != len(spatial):
+    raise ValueError(f'roi_size {roi} does not match image spatial shape {spatial}')
+  pads = [(0, max(0, r - s)) for s, r in zip(spatial, roi)] + [(0, 0)]
+  padded = np.pad(image, pads) if any(p[1] for p in pads) else image
+  full = padded.shape[:-1]
+  weights = blend_weights(roi, blend)[..., None]
+  starts = list(itertools.product(*[window_starts(s, r, overlap) for s, r in zip(full, roi)]))
+  flips = [combo for n in range(len(mirror_axes) + 1)
+           for combo in itertools.combinations(mirror_axes, n)]
+  output, total_weight = None, np.zeros(full + (1,), np.float32)
+  for i in range(0, len(starts), batch_size):
+    chunk = starts[i:i + batch_size]
+    windows = np.stack([padded[tuple(slice(s, s + r) for s, r in zip(st, roi))]
+                        for st in chunk])
+    prediction = None
+    for axes in flips:
+      batch_axes = tuple(a + 1 for a in axes)
+      flipped = np.flip(windows, batch_axes) if axes else windows
+      out = np.array(predict(flipped), np.float32)  # a writable copy (JAX arrays are not)
+      out = np.flip(out, batch_axes) if axes else out
+      prediction = out if prediction is None else prediction + out
+    prediction /= len(flips)
+    if output is None:
+      output = np.zeros(full + (prediction.shape[-1],), np.float32)
+    for st, pred in zip(chunk, prediction):
+      region = tuple(slice(s, s + r) for s, r in zip(st, roi))
+      output[region] += pred * weights
+      total_weight[region] += weights
+  output /= total_weight
+  return output[tuple(slice(0, s) for s in spatial)]
