@@ -4,6 +4,7 @@
   medjax train --config configs/breastmnist.py:runlocal --workdir /tmp/b
   medjax evaluate --workdir runs/quickstart --split test [--step N]
   medjax data check ../shared/data/msd_hippocampus [--json fingerprint.json]
+  medjax score --pred PRED_DIR --ref LABEL_DIR --out DIR
 
 Running ``train`` again on the same workdir resumes from its latest checkpoint.
 """
@@ -64,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
   check.add_argument('path', help='dataset folder (MSD dataset.json or image/label folders)')
   check.add_argument('--json', default=None, help='also write the full report here')
   check.add_argument('--max_cases', type=int, default=0, help='check only the first N cases')
+  score = sub.add_parser('score', help='score predicted label maps against references '
+                         '(per-case CSV and summary JSON)')
+  score.add_argument('--pred', required=True, help='folder of predicted NIfTI label maps')
+  score.add_argument('--ref', required=True, help='folder of reference NIfTI label maps')
+  score.add_argument('--out', required=True, help='folder for scores.csv and summary.json')
+  score.add_argument('--num_classes', type=int, default=None,
+                     help='classes including background (default: from the data)')
   return parser
 
 
@@ -74,6 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
   if args.command == 'data':
     return _data_check(args)
+  if args.command == 'score':
+    return _score(args)
 
   from medjax import config as config_lib  # after parsing: --help stays fast
   try:
@@ -118,6 +128,21 @@ def _data_check(args) -> int:
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)
   return 1 if report['problems'] else 0
+
+
+def _score(args) -> int:
+  from medjax import scoring
+  from medjax.data.nifti import VolumeError
+  try:
+    summary = scoring.score_folders(args.pred, args.ref, args.out, args.num_classes)
+  except (ValueError, VolumeError) as e:
+    print(f'medjax: error: {e}', file=sys.stderr)
+    return 1
+  print(f"{summary['cases']} cases")
+  for cls, entry in summary['classes'].items():
+    print(f'class {cls}: ' + ', '.join(f"{m} {v['mean']:.4f} ± {v['sd']:.4f}"
+                                       for m, v in entry.items()))
+  return 0
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,

@@ -110,3 +110,47 @@ def test_sliding_window_equals_direct_prediction_when_the_window_covers_the_imag
   padded = inference.sliding_window(lambda w: np.asarray(predict(w)), image[:10, :20],
                                     (16, 24))
   assert padded.shape == (10, 20, 3)
+
+
+def test_score_command_on_real_labels(tmp_path):
+  import csv
+  import json
+  import subprocess
+  import sys
+
+  import nibabel as nib
+  from conftest import shared_file
+  from medjax import scoring
+  pred_dir, ref_dir = tmp_path / 'pred', tmp_path / 'ref'
+  pred_dir.mkdir()
+  ref_dir.mkdir()
+  expected = {}
+  for name in ('hippocampus_004', 'hippocampus_006'):
+    src = nib.load(shared_file('msd_hippocampus', 'labelsTr', f'{name}.nii.gz'))
+    ref = np.asarray(src.dataobj).astype(np.uint8)
+    pred = np.roll(ref, 1, axis=0)  # a prediction one voxel off
+    nib.save(nib.Nifti1Image(ref, src.affine), ref_dir / f'{name}.nii.gz')
+    nib.save(nib.Nifti1Image(pred, src.affine), pred_dir / f'{name}.nii.gz')
+    expected[name] = seg_metrics.segmentation_metrics(pred, ref, 3, (1.0, 1.0, 1.0))
+  proc = subprocess.run([sys.executable, '-m', 'medjax.cli', 'score', '--pred', str(pred_dir),
+                         '--ref', str(ref_dir), '--out', str(tmp_path / 'out'),
+                         '--num_classes', '3'], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  rows = list(csv.DictReader(open(tmp_path / 'out' / 'scores.csv')))
+  assert len(rows) == 4
+  for row in rows:
+    ref_values = expected[row['case']][int(row['class'])]
+    assert float(row['dice']) == pytest.approx(ref_values['dice'])
+    assert float(row['hd95']) == pytest.approx(ref_values['hd95'])
+  summary = json.load(open(tmp_path / 'out' / 'summary.json'))
+  dices = [expected[c][1]['dice'] for c in expected]
+  assert summary['classes']['1']['dice']['mean'] == pytest.approx(np.mean(dices))
+  assert summary['classes']['1']['dice']['sd'] == pytest.approx(np.std(dices, ddof=1))
+  # A prediction that does not overlay its scan is an error, not a score.
+  shifted = nib.load(pred_dir / 'hippocampus_004.nii.gz')
+  affine = shifted.affine.copy()
+  affine[0, 3] += 1.0
+  nib.save(nib.Nifti1Image(np.asarray(shifted.dataobj), affine),
+           pred_dir / 'hippocampus_004.nii.gz')
+  with pytest.raises(Exception, match='affine differs'):
+    scoring.score_folders(str(pred_dir), str(ref_dir), str(tmp_path / 'out2'), 3)
