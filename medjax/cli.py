@@ -4,6 +4,7 @@
   medjax train --config configs/breastmnist.py:runlocal --workdir /tmp/b
   medjax evaluate --workdir runs/quickstart --split test [--step N]
   medjax data check ../shared/data/msd_hippocampus [--json fingerprint.json]
+  medjax predict --workdir DIR --input FILE_OR_FOLDER --output DIR
   medjax score --pred PRED_DIR --ref LABEL_DIR --out DIR
 
 Running ``train`` again on the same workdir resumes from its latest checkpoint.
@@ -65,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
   check.add_argument('path', help='dataset folder (MSD dataset.json or image/label folders)')
   check.add_argument('--json', default=None, help='also write the full report here')
   check.add_argument('--max_cases', type=int, default=0, help='check only the first N cases')
+  predict = sub.add_parser('predict', help='segment new scans with a trained workdir; writes '
+                           'NIfTI label maps with each input\'s affine')
+  predict.add_argument('--workdir', required=True)
+  predict.add_argument('--input', required=True, help='a NIfTI file or a folder of them')
+  predict.add_argument('--output', required=True, help='folder for the label maps')
+  predict.add_argument('--step', type=int, default=None)
   score = sub.add_parser('score', help='score predicted label maps against references '
                          '(per-case CSV and summary JSON)')
   score.add_argument('--pred', required=True, help='folder of predicted NIfTI label maps')
@@ -84,6 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _data_check(args)
   if args.command == 'score':
     return _score(args)
+  if args.command == 'predict':
+    return _predict(args)
 
   from medjax import config as config_lib  # after parsing: --help stays fast
   try:
@@ -102,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     if args.command == 'train':
       results = train_lib.train_and_evaluate(config, args.workdir)
-      if 'test' in results:
+      if 'val' in results:
         _print_metrics(results)
     else:
       result = train_lib.evaluate_workdir(args.workdir, args.split, args.step)
@@ -128,6 +137,18 @@ def _data_check(args) -> int:
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)
   return 1 if report['problems'] else 0
+
+
+def _predict(args) -> int:
+  from medjax import segmentation
+  from medjax.data.nifti import VolumeError
+  try:
+    written = segmentation.predict_files(args.workdir, args.input, args.output, args.step)
+  except (FileNotFoundError, ValueError, VolumeError) as e:
+    print(f'medjax: error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {len(written)} label map(s) to {args.output}')
+  return 0
 
 
 def _score(args) -> int:
@@ -157,10 +178,17 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 
 def _print_metrics(results) -> None:
-  keys = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'f1', 'loss')
-  print(f"\n{'split':<6}" + ''.join(f'{k:>18}' for k in keys))
-  for split in ('val', 'test'):
-    print(f'{split:<6}' + ''.join(f'{results[split][k]:>18.4f}' for k in keys))
+  """The headline metrics of each scored split, as a table."""
+  preferred = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'f1',
+               'dice', 'loss')
+  splits = [s for s in ('val', 'test') if s in results]
+  keys = [k for k in preferred if any(isinstance(results[s].get(k), float) for s in splits)]
+  keys += sorted(k for k in results[splits[0]] if k.startswith(('dice_', 'hd95_')))
+  width = max(12, *(len(k) + 2 for k in keys))
+  print(f"\n{'split':<6}" + ''.join(f'{k:>{width}}' for k in keys))
+  for split in splits:
+    print(f'{split:<6}' + ''.join(f'{results[split].get(k, float("nan")):>{width}.4f}'
+                                  for k in keys))
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ arguments (``model.*`` other than ``model.name``) are checked against the chosen
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -60,15 +61,43 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.augment.brightness = 0.0     # additive shift uniform in [-b, +b] (normalised units)
   c.data.augment.contrast = 0.0       # multiplicative factor uniform in [1-c, 1+c]
 
+  # Segmentation datasets (task='segmentation'): see medjax/segmentation.py.
+  c.data.root = ''                    # MSD folder (dataset.json) or image/label folders
+  c.data.cache_dir = ''               # prepared cases; '' = ~/.cache/medjax
+  c.data.target_spacing = 'keep'      # 'keep' | 'median' | 'x,y,z' in mm
+  c.data.normalization = 'zscore'     # zscore | zscore_nonzero | ct | percentile | none
+  c.data.ct_window = (-1000.0, 1000.0)
+  c.data.crop_nonzero = True
+  c.data.num_folds = 5
+  c.data.fold = 0
+  c.data.split_seed = 0               # the k-fold split does not change with c.seed
+  c.data.max_cases = 0                # 0 = all
+  c.data.patch_size = (40, 56, 40)
+  c.data.slice_axis = -1              # -1: patches of the data's dimensionality; 0/1/2: 2D slices
+  c.data.skip_empty_slices = False
+  c.data.foreground_fraction = 1.0 / 3.0
+  from medjax.data.sampling import SegAugment  # the probabilities and ranges, all configurable
+  c.data.seg_augment = ml_collections.ConfigDict(dataclasses.asdict(SegAugment()))
+
   c.model = ml_collections.ConfigDict()
   c.model.name = 'simple_cnn'
 
+  # Sliding-window inference (segmentation validation and prediction).
+  c.inference = ml_collections.ConfigDict()
+  c.inference.overlap = 0.5
+  c.inference.blend = 'gaussian'      # 'gaussian' | 'constant'
+  c.inference.mirror_axes = ()        # spatial axes for mirroring test-time augmentation
+
   # 'auto' takes the task from the dataset; or one of
-  # 'binary', 'multiclass', 'ordinal', 'multilabel'.
+  # 'binary', 'multiclass', 'ordinal', 'multilabel', 'segmentation'.
   c.task = 'auto'
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = 'ce'                  # 'ce' | 'focal'  (multi-label always uses sigmoid BCE)
+  # Classification: 'ce' | 'focal' (multi-label always uses sigmoid BCE).
+  # Segmentation: 'dice_ce' | 'dice' | 'ce'.
+  c.loss.name = 'ce'
+  c.loss.include_background = False   # segmentation Dice
+  c.loss.batch_dice = True            # Dice pooled over the batch (nnU-Net) or per case
   c.loss.class_weights = 'none'       # 'none' | 'balanced' | comma-separated floats
   c.loss.focal_gamma = 2.0
   c.loss.label_smoothing = 0.0
@@ -95,6 +124,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 256
   c.train.log_every_steps = 20
   c.train.eval_every_epochs = 1
+  # Steps per epoch; 0 = one pass over the training data (segmentation samples patches, so
+  # an epoch is a number of steps, 250 in nnU-Net).
+  c.train.steps_per_epoch = 0
   c.train.keep_checkpoints = 2        # latest N kept, plus the best by selection_metric
   c.train.selection_metric = 'auc'    # validation metric that picks the final checkpoint
   c.train.selection_mode = 'max'      # 'max' | 'min'

@@ -53,26 +53,40 @@ class Experiment:
     self.config = config
     self.data = data
     self.task = resolve_task(config.task, data)
-    self.num_outputs = tasks.num_outputs(self.task, data.num_classes)
-    model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
-    model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
-    try:
-      self.model = build_model(config.model.name, self.num_outputs, **model_kwargs)
-    except ValueError as e:
-      raise ValueError(f'{e} (model options come from the config section model.*; after '
-                       'changing model.name, set that section for the new model)') from None
-
+    if config.train.steps_per_epoch:
+      raise ValueError('train.steps_per_epoch applies to segmentation; a classification epoch '
+                       'is one pass over the training split')
     train_labels = data.splits['train'][1]
     self.class_weights = losses.parse_class_weights(
         config.loss.class_weights, train_labels, data.num_classes, self.task)
     if config.loss.name not in ('ce', 'focal'):
       raise ValueError(f"unknown loss.name '{config.loss.name}'; expected 'ce' or 'focal'")
+    self._setup(num_outputs=tasks.num_outputs(self.task, data.num_classes),
+                input_shape=data.image_shape,
+                steps_per_epoch=pipeline.steps_per_epoch(len(train_labels),
+                                                         config.train.batch_size))
+    self._eval_step = jax.jit(self._eval_step_impl,
+                              in_shardings=(self.replicated, self.batch_sharding,
+                                            self.batch_sharding),
+                              out_shardings=(self.replicated, self.replicated))
 
+  def _setup(self, num_outputs: int, input_shape, steps_per_epoch: int) -> None:
+    """Model, optimizer, schedule, mesh and the compiled train step (shared by tasks)."""
+    config = self.config
+    self.num_outputs = num_outputs
+    self.input_shape = tuple(input_shape)
+    model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+    model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
+    try:
+      self.model = build_model(config.model.name, num_outputs, **model_kwargs)
+    except ValueError as e:
+      raise ValueError(f'{e} (model options come from the config section model.*; after '
+                       'changing model.name, set that section for the new model)') from None
     self.global_batch = config.train.batch_size
-    self.steps_per_epoch = pipeline.steps_per_epoch(len(train_labels), self.global_batch)
+    self.steps_per_epoch = steps_per_epoch
     self.total_steps = config.train.num_epochs * self.steps_per_epoch
     self.schedule = optim.make_schedule(config.optimizer, self.steps_per_epoch,
-                                              self.total_steps)
+                                        self.total_steps)
     self.tx = optim.make_optimizer(config.optimizer, self.schedule)
 
     devices = np.array(jax.devices())
@@ -88,15 +102,26 @@ class Experiment:
                                              self.batch_sharding),
                                out_shardings=(self.replicated, self.replicated),
                                donate_argnums=0)
-    self._eval_step = jax.jit(self._eval_step_impl,
-                              in_shardings=(self.replicated, self.batch_sharding,
-                                            self.batch_sharding),
-                              out_shardings=(self.replicated, self.replicated))
+
+  @property
+  def eval_splits(self):
+    """Splits scored at the end of training (results.json)."""
+    return ('val', 'test')
+
+  @property
+  def available_splits(self):
+    return tuple(self.data.splits)
+
+  def save_predictions(self, workdir: str, split: str, predictions) -> None:
+    save_predictions(workdir, split, predictions, self.data.class_names)
+
+  def describe(self) -> str:
+    return self.data.summary()
 
   # ----- state -------------------------------------------------------------------------
   def _init_impl(self, key: jax.Array) -> TrainState:
     init_key, dropout_key = jax.random.split(key)
-    dummy = jnp.zeros((1,) + self.data.image_shape, jnp.float32)
+    dummy = jnp.zeros((1,) + self.input_shape, jnp.float32)
     variables = self.model.init({'params': init_key}, dummy, train=False)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -121,6 +146,10 @@ class Experiment:
         label_smoothing=self.config.loss.label_smoothing)
     return per_example, weights
 
+  def _batch_loss(self, logits, labels) -> jax.Array:
+    per_example, weights = self._loss(logits, labels)
+    return losses.weighted_mean(per_example, weights)
+
   def _train_step_impl(self, state: TrainState, images, labels):
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
@@ -132,8 +161,7 @@ class Experiment:
       logits, updates = self.model.apply(
           variables, images, train=True, rngs={'dropout': dropout_key},
           mutable=['batch_stats'] if has_bn else [])
-      per_example, weights = self._loss(logits, labels)
-      return losses.weighted_mean(per_example, weights), updates
+      return self._batch_loss(logits, labels), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -195,6 +223,14 @@ class Experiment:
                                                 predictions['scores'])
     result['loss'] = float(np.mean(predictions['loss']))
     return result, predictions
+
+
+def make_experiment(config: ml_collections.ConfigDict) -> 'Experiment':
+  """The experiment for ``config.task``: segmentation, or a classification task."""
+  if config.task == 'segmentation':
+    from medjax.segmentation import SegmentationExperiment
+    return SegmentationExperiment(config)
+  return Experiment(config, load_data(config))
 
 
 def resolve_task(task: str, data: ClassificationData) -> str:
@@ -294,8 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     with open(config_path, 'w') as f:
       f.write(config_lib.to_json(config) + '\n')
 
-  data = load_data(config)
-  exp = Experiment(config, data)
+  exp = make_experiment(config)
   tcfg = config.train
   manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints, tcfg.selection_metric,
                                     tcfg.selection_mode)
@@ -311,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     print(f'Resuming from checkpoint at step {start_step} in {workdir}')
   log = MetricsLog(workdir, start_step)
   if start_step == 0:
-    print(f'{data.summary()}\nmodel {config.model.name}: '
+    print(f'{exp.describe()}\nmodel {config.model.name}: '
           f'{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, task '
           f'{exp.task}, {jax.device_count()} device(s), {exp.steps_per_epoch} steps/epoch')
 
@@ -424,12 +459,13 @@ def finalize(exp: Experiment, manager, workdir: str,
       'selection_mode': exp.config.train.selection_mode,
       'task': exp.task, 'dataset': exp.data.name, 'class_names': list(exp.data.class_names),
       'seed': exp.config.seed, 'versions': versions()}
-  for split in ('val', 'test'):
+  for split in exp.eval_splits:
     split_metrics, predictions = exp.evaluate(state, split)
     results[split] = split_metrics
-    save_predictions(workdir, split, predictions, exp.data.class_names)
-  summary = ', '.join(f'{s} auc={results[s]["auc"]:.4f} acc={results[s]["accuracy"]:.4f}'
-                      for s in ('val', 'test'))
+    exp.save_predictions(workdir, split, predictions)
+  metric = exp.config.train.selection_metric
+  summary = ', '.join(f'{split} {metric}={results[split].get(metric, float("nan")):.4f}'
+                      for split in exp.eval_splits)
   print(f'Selected step {selected} (epoch {meta["epoch"]:.1f}): {summary}')
   return results
 
@@ -442,10 +478,9 @@ def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = No
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{workdir} has no config.json; is it a medjax workdir?')
   config = config_lib.from_json_file(config_path)
-  data = load_data(config)
-  if split not in data.splits:
-    raise ValueError(f"unknown split '{split}'; expected one of {sorted(data.splits)}")
-  exp = Experiment(config, data)
+  exp = make_experiment(config)
+  if split not in exp.available_splits:
+    raise ValueError(f"unknown split '{split}'; expected one of {sorted(exp.available_splits)}")
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
                                     config.train.selection_metric, config.train.selection_mode)
   selected = _selected_step(manager, workdir, step)

@@ -76,12 +76,16 @@ def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generato
   return out
 
 
-def _prepare_case(info: layouts.DatasetInfo, case: layouts.Case, options: PrepareOptions,
-                  target_spacing, num_classes: Optional[int]):
+def _load_pair(info: layouts.DatasetInfo, case: layouts.Case, target_spacing,
+               num_classes: Optional[int]):
+  """Image ``[*spatial, C]``, label ``[*spatial]`` and the geometry record, before cropping
+  and normalisation; ``case.label`` None gives no label."""
   if info.spatial_dims == 3:
     image = nifti.to_canonical(nifti.read_volume(case.image, 'image'))
-    label = nifti.to_canonical(nifti.read_volume(case.label, 'label', num_classes))
-    nifti.check_pair(image, label)
+    label = None
+    if case.label is not None:
+      label = nifti.to_canonical(nifti.read_volume(case.label, 'label', num_classes))
+      nifti.check_pair(image, label)
     record = {'original_shape': list(image.original_shape),
               'original_affine': image.original_affine.tolist(),
               'to_canonical': image.to_current.tolist(),
@@ -90,32 +94,57 @@ def _prepare_case(info: layouts.DatasetInfo, case: layouts.Case, options: Prepar
               'original_spacing_mm': list(image.spacing)}
     if target_spacing is not None:
       image = nifti.resample(image, target_spacing, order=1)
-      label = nifti.resample(label, target_spacing, order=0)
+      if label is not None:
+        label = nifti.resample(label, target_spacing, order=0)
     record['resampled_shape'] = list(image.array.shape)
     record['spacing_mm'] = list(image.spacing)
     record['affine'] = image.affine.tolist()
-    image_array, label_array = image.array[..., None], label.array
-  else:
-    image_array = layouts.read_image_2d(case.image, 'image')
+    return image.array[..., None], None if label is None else label.array, record
+  image_array = layouts.read_image_2d(case.image, 'image')
+  label_array = None
+  if case.label is not None:
     label_array = layouts.read_image_2d(case.label, 'label')
     if label_array.shape != image_array.shape[:2]:
       raise nifti.VolumeError(f'{case.label}: label shape {label_array.shape} differs from '
                               f'image {case.image} shape {image_array.shape[:2]}')
-    record = {'original_shape': list(label_array.shape),
-              'resampled_shape': list(label_array.shape)}
-  spatial = label_array.ndim
+  shape = list(image_array.shape[:2])
+  return image_array, label_array, {'original_shape': shape, 'resampled_shape': shape}
+
+
+def _crop_and_normalise(image_array, label_array, record, options: PrepareOptions):
   if options.crop_nonzero:
     box = intensity.foreground_bbox(np.any(image_array != 0, axis=-1))
   else:
-    box = tuple(slice(0, n) for n in label_array.shape)
+    box = tuple(slice(0, n) for n in image_array.shape[:-1])
   record['crop_box'] = [[s.start, s.stop] for s in box]
   image_array = image_array[box]
-  label_array = label_array[box]
   channels = [normalise(image_array[..., c], options) for c in range(image_array.shape[-1])]
   image_array = np.stack(channels, axis=-1).astype(np.float32)
-  record['shape'] = list(label_array.shape)
-  record['spatial_dims'] = spatial
-  return image_array, label_array.astype(np.uint8), record
+  record['shape'] = list(image_array.shape[:-1])
+  record['spatial_dims'] = image_array.ndim - 1
+  if label_array is not None:
+    label_array = label_array[box].astype(np.uint8)
+  return image_array, label_array, record
+
+
+def _prepare_case(info: layouts.DatasetInfo, case: layouts.Case, options: PrepareOptions,
+                  target_spacing, num_classes: Optional[int]):
+  image, label, record = _load_pair(info, case, target_spacing, num_classes)
+  return _crop_and_normalise(image, label, record, options)
+
+
+def prepare_image(path: str, options: PrepareOptions, target_spacing) -> Tuple[np.ndarray, Dict]:
+  """Prepares one new image (no label) exactly as training cases were prepared.
+
+  ``target_spacing`` must be the resolved spacing of the training cache
+  (:attr:`PreparedDataset.target_spacing`).
+  """
+  dims = 3 if path.lower().endswith(layouts.NIFTI_SUFFIXES) else 2
+  info = layouts.DatasetInfo(os.path.dirname(path), 'single', dims, [], None)
+  case = layouts.Case(layouts._strip_suffix(os.path.basename(path)), path, None)
+  image, _, record = _crop_and_normalise(*_load_pair(info, case, target_spacing, None), options)
+  record['image'] = path
+  return image, record
 
 
 @dataclasses.dataclass
@@ -127,6 +156,7 @@ class PreparedDataset:
   spatial_dims: int
   records: Dict[str, Dict]
   fingerprint: Dict
+  target_spacing: Optional[Tuple[float, ...]] = None  # resolved, mm (None: kept)
 
   def load(self, case_id: str, mmap: bool = True) -> Tuple[np.ndarray, np.ndarray, Dict]:
     """(image ``[*spatial, C]``, label ``[*spatial]``, class locations) of one case."""
@@ -154,7 +184,7 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
     if manifest['root'] == os.path.abspath(root) and manifest['max_cases'] == max_cases:
       return PreparedDataset(directory, manifest['case_ids'], manifest['class_names'],
                              manifest['spatial_dims'], manifest['records'],
-                             manifest['fingerprint'])
+                             manifest['fingerprint'], manifest['target_spacing_mm'])
   report = layouts.check_dataset(root, max_cases)
   if report['problems']:
     raise ValueError(f'{root}: {len(report["problems"])} problem(s) found; fix them or remove '
@@ -190,7 +220,7 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
     json.dump(manifest, f, default=list)
   os.replace(tmp, manifest_path)  # the manifest appears only once every case is written
   return PreparedDataset(directory, manifest['case_ids'], class_names, info.spatial_dims,
-                         records, summary)
+                         records, summary, target)
 
 
 def restore_original_grid(prediction: np.ndarray, record: Dict) -> np.ndarray:
