@@ -94,10 +94,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   # Classification: 'ce' | 'focal' (multi-label always uses sigmoid BCE).
-  # Segmentation: 'dice_ce' | 'dice' | 'ce'.
+  # Segmentation: 'dice_ce' | 'dice' | 'ce' | 'focal' | 'tversky' | 'generalized_dice'.
   c.loss.name = 'ce'
   c.loss.include_background = False   # segmentation Dice
   c.loss.batch_dice = True            # Dice pooled over the batch (nnU-Net) or per case
+  c.loss.tversky_alpha = 0.3          # weight of false positives
+  c.loss.tversky_beta = 0.7           # weight of false negatives
   c.loss.class_weights = 'none'       # 'none' | 'balanced' | comma-separated floats
   c.loss.focal_gamma = 2.0
   c.loss.label_smoothing = 0.0

@@ -55,6 +55,9 @@ def prepare_options(cfg: ml_collections.ConfigDict) -> prepare.PrepareOptions:
                                 ct_window=tuple(cfg.ct_window), crop_nonzero=cfg.crop_nonzero)
 
 
+SEG_LOSSES = ('dice_ce', 'dice', 'ce', 'focal', 'tversky', 'generalized_dice')
+
+
 class SegData:
   """What the train loop needs to know of a segmentation dataset."""
 
@@ -88,9 +91,9 @@ class SegmentationExperiment(Experiment):
     if not cfg.root:
       raise ValueError('task=segmentation needs data.root (an MSD folder with dataset.json, '
                        'or a folder of image/label pairs)')
-    if config.loss.name not in ('dice_ce', 'dice', 'ce'):
+    if config.loss.name not in SEG_LOSSES:
       raise ValueError(f"unknown loss.name '{config.loss.name}' for segmentation; expected "
-                       "'dice_ce', 'dice' or 'ce'")
+                       f"one of {', '.join(SEG_LOSSES)}")
     cache = cfg.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'medjax')
     prepared = prepare.prepare(cfg.root, cache, prepare_options(cfg), cfg.max_cases)
     split = prepare.kfold_split(prepared.case_ids, cfg.num_folds, cfg.fold, cfg.split_seed)
@@ -127,11 +130,18 @@ class SegmentationExperiment(Experiment):
     total = 0.0
     for weight, logits in zip(weights, outputs):
       target = _downsample_labels(labels, logits.shape[1:-1])
-      dice_kwargs = dict(include_background=cfg.include_background, per_case=not cfg.batch_dice)
+      kwargs = dict(include_background=cfg.include_background, per_case=not cfg.batch_dice)
       if cfg.name == 'dice_ce':
-        loss = seg_losses.dice_ce_loss(logits, target, **dice_kwargs)
+        loss = seg_losses.dice_ce_loss(logits, target, **kwargs)
       elif cfg.name == 'dice':
-        loss = seg_losses.soft_dice_loss(logits, target, **dice_kwargs)
+        loss = seg_losses.soft_dice_loss(logits, target, **kwargs)
+      elif cfg.name == 'tversky':
+        loss = seg_losses.tversky_loss(logits, target, alpha=cfg.tversky_alpha,
+                                       beta=cfg.tversky_beta, **kwargs)
+      elif cfg.name == 'generalized_dice':
+        loss = seg_losses.generalized_dice_loss(logits, target, **kwargs)
+      elif cfg.name == 'focal':
+        loss = seg_losses.focal_loss(logits, target, cfg.focal_gamma)
       else:
         loss = seg_losses.cross_entropy(logits, target)
       total = total + weight * loss

@@ -127,8 +127,8 @@ def test_predict_then_score_equals_validation(seg_run, tmp_path):
 
 
 def test_segmentation_config_errors(tmp_path):
-  with pytest.raises(ValueError, match="unknown loss.name 'focal' for segmentation"):
-    train_lib.make_experiment(_config(str(tmp_path), **{'loss.name': 'focal'}))
+  with pytest.raises(ValueError, match="unknown loss.name 'lovasz' for segmentation"):
+    train_lib.make_experiment(_config(str(tmp_path), **{'loss.name': 'lovasz'}))
   with pytest.raises(ValueError, match=r'data.patch_size \(16, 16\) needs 3 values'):
     train_lib.make_experiment(_config(str(tmp_path), **{'data.patch_size': (16, 16)}))
   with pytest.raises(ValueError, match="data.target_spacing must be 'keep'"):

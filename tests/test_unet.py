@@ -81,3 +81,44 @@ def test_dice_ce_gradients_are_finite_3d(upsample):
   leaves = jax.tree.leaves(grads)
   assert all(np.all(np.isfinite(g)) for g in leaves)
   assert any(np.abs(g).sum() > 0 for g in leaves)
+
+
+def _numpy_sums(logits, labels, per_case):
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  p = e / e.sum(-1, keepdims=True)
+  onehot = np.eye(logits.shape[-1])[labels]
+  axes = tuple(range(1, logits.ndim - 1)) if per_case else tuple(range(logits.ndim - 1))
+  return ((p * onehot).sum(axes), (p * (1 - onehot)).sum(axes), ((1 - p) * onehot).sum(axes),
+          onehot.sum(axes))
+
+
+@pytest.mark.parametrize('per_case', [False, True])
+def test_tversky_and_generalized_dice_match_numpy(per_case):
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(2, 6, 5, 4, 3))
+  labels = rng.integers(0, 3, (2, 6, 5, 4))
+  tp, fp, fn, vol = _numpy_sums(logits, labels, per_case)
+  s = 1e-5
+  tversky = 1 - ((tp + s) / (tp + 0.3 * fp + 0.7 * fn + s))[..., 1:].mean()
+  ours = seg_losses.tversky_loss(jnp.asarray(logits), jnp.asarray(labels), per_case=per_case)
+  assert float(ours) == pytest.approx(tversky, rel=1e-5)
+  half = seg_losses.tversky_loss(jnp.asarray(logits), jnp.asarray(labels), alpha=0.5, beta=0.5,
+                                 per_case=per_case)
+  dice = seg_losses.soft_dice_loss(jnp.asarray(logits), jnp.asarray(labels), per_case=per_case)
+  assert float(half) == pytest.approx(float(dice), rel=1e-4)  # alpha = beta = 1/2 is Dice
+  tp, fp, fn, vol = tp[..., 1:], fp[..., 1:], fn[..., 1:], vol[..., 1:]
+  w = 1 / np.maximum(vol, 1) ** 2
+  gdl = 1 - ((2 * (w * tp).sum(-1) + s) / ((w * (2 * tp + fp + fn)).sum(-1) + s)).mean()
+  ours = seg_losses.generalized_dice_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                          per_case=per_case)
+  assert float(ours) == pytest.approx(gdl, rel=1e-5)
+
+
+def test_voxel_focal_loss_gamma_zero_is_cross_entropy():
+  rng = np.random.default_rng(6)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 5, 3)))
+  labels = jnp.asarray(rng.integers(0, 3, (2, 5, 5)))
+  assert float(seg_losses.focal_loss(logits, labels, 0.0)) == pytest.approx(
+      float(seg_losses.cross_entropy(logits, labels)), rel=1e-6)
+  assert float(seg_losses.focal_loss(logits, labels, 2.0)) < float(
+      seg_losses.cross_entropy(logits, labels))
