@@ -16,14 +16,8 @@ import optax
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, *, include_background: bool = False,
                    per_case: bool = False, smooth: float = 1e-5) -> jax.Array:
   """``1 - mean soft Dice`` over the (foreground) classes."""
-  num_classes = logits.shape[-1]
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  spatial = tuple(range(1, logits.ndim - 1))
-  axes = spatial if per_case else (0,) + spatial
-  intersection = jnp.sum(probs * onehot, axis=axes)
-  denominator = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
-  dice = (2 * intersection + smooth) / (denominator + smooth)   # [B, K] or [K]
+  tp, fp, fn, _ = _class_sums(logits, labels, per_case)
+  dice = (2 * tp + smooth) / (2 * tp + fp + fn + smooth)   # [B, K] or [K]
   if not include_background:
     dice = dice[..., 1:]
   return 1.0 - jnp.mean(dice)
