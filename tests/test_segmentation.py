@@ -133,3 +133,17 @@ def test_segmentation_config_errors(tmp_path):
     train_lib.make_experiment(_config(str(tmp_path), **{'data.patch_size': (16, 16)}))
   with pytest.raises(ValueError, match="data.target_spacing must be 'keep'"):
     train_lib.make_experiment(_config(str(tmp_path), **{'data.target_spacing': 'fine'}))
+
+
+def test_2d_slices_of_volumes_train_and_segment_whole_volumes(tmp_path):
+  config = _config(str(tmp_path / 'cache'), **{'data.slice_axis': 0,
+                                                 'data.patch_size': (16, 16),
+                                                 'data.skip_empty_slices': True})
+  results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  split = json.load(open(tmp_path / 'run' / 'split.json'))
+  for case_id in split['val']:
+    pred = nib.load(tmp_path / 'run' / 'predictions_val' / f'{case_id}.nii.gz')
+    label = nib.load(shared_file('msd_hippocampus', 'labelsTr', f'{case_id}.nii.gz'))
+    assert pred.shape == label.shape  # every slice predicted, whole volume reassembled
+    np.testing.assert_allclose(pred.affine, label.affine, atol=1e-6)
+  assert 0.0 <= results['val']['dice'] <= 1.0
