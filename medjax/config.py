@@ -42,6 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Intensity scaling: x -> (x / 255 - mean) / std, as MedMNIST's reference pipeline.
   c.data.mean = 0.5
   c.data.std = 0.5
+  # Class-balanced sampling: each epoch draws examples so every class is equally frequent.
+  c.data.class_balanced = False
   # Use only the first N examples of each split (0 = all); for quick tests.
   c.data.max_examples = 0
   c.data.synthetic = ml_collections.ConfigDict()

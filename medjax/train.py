@@ -193,7 +193,8 @@ class Experiment:
         images, labels, global_batch=self.global_batch, seed=self.config.seed,
         start_step=start_step, num_steps=self.total_steps, pixel_max=self.data.pixel_max,
         mean=cfg.mean, std=cfg.std, augment=cfg.augment,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        class_balanced=cfg.class_balanced)
 
   def predict(self, state: TrainState, split: str) -> Dict[str, np.ndarray]:
     """Scores of every example of ``split``, in dataset order, plus the mean loss."""

@@ -120,3 +120,21 @@ def test_batch_larger_than_dataset_is_a_clear_error():
   x, y = _data(n=10)
   with pytest.raises(ValueError, match='fewer than one batch of 16'):
     _batches(x, y)
+
+
+def test_class_balanced_sampling_equalises_classes_deterministically():
+  rng = np.random.default_rng(0)
+  labels = np.array([0] * 900 + [1] * 90 + [2] * 10, np.int32)
+  x = rng.integers(0, 256, (1000, 4, 4, 1), dtype=np.uint8)
+  kw = dict(global_batch=100, seed=0, start_step=0, num_steps=30, pixel_max=255.0, mean=0.0,
+            std=1.0, augment=_augment(), class_balanced=True)
+  seen = np.concatenate([b[1] for b in pipeline.train_batches(x, labels, **kw)])
+  counts = np.bincount(seen, minlength=3) / len(seen)
+  np.testing.assert_allclose(counts, [1 / 3] * 3, atol=0.03)
+  again = np.concatenate([b[1] for b in pipeline.train_batches(x, labels, **kw)])
+  np.testing.assert_array_equal(seen, again)
+  resumed = np.concatenate([b[1] for b in pipeline.train_batches(x, labels, **{
+      **kw, 'start_step': 17})])
+  np.testing.assert_array_equal(resumed, seen[1700:])
+  with pytest.raises(ValueError, match='not multi-label'):
+    pipeline.balanced_epoch_order(0, 0, np.zeros((10, 3)))

@@ -43,6 +43,20 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def balanced_epoch_order(seed: int, epoch: int, labels: np.ndarray) -> np.ndarray:
+  """``N`` indices drawn with replacement so every class is equally likely (each example's
+  probability is ``1 / (K * count of its class)``); deterministic in (seed, epoch)."""
+  labels = np.asarray(labels).reshape(len(labels), -1)
+  if labels.shape[1] != 1:
+    raise ValueError('class-balanced sampling needs one class label per example '
+                     '(not multi-label)')
+  labels = labels[:, 0]
+  classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+  probabilities = 1.0 / (len(classes) * counts[inverse])
+  return np.random.default_rng([seed, epoch, 1]).choice(
+      len(labels), size=len(labels), replace=True, p=probabilities / probabilities.sum())
+
+
 def local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
   if global_batch % process_count:
     raise ValueError(f'batch size {global_batch} is not divisible by {process_count} processes')
@@ -108,13 +122,16 @@ def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int):
 def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,
                   start_step: int, num_steps: int, pixel_max: float, mean: float, std: float,
                   augment: ml_collections.ConfigDict | None = None,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+                  process_index: int = 0, process_count: int = 1,
+                  class_balanced: bool = False) -> Iterator[Batch]:
   """Yields this process's share of training batches for steps ``[start_step, num_steps)``.
 
   Args:
     images: ``[N, *spatial, C]`` (uint8 or float), all training examples.
     labels: ``[N]`` int or ``[N, L]``.
     global_batch: examples per step over all processes.
+    class_balanced: draw each epoch's examples so classes are equally frequent (with
+      replacement) instead of a permutation.
   Yields:
     (images float32 ``[B/P, *spatial, C]``, labels) as NumPy arrays.
   """
@@ -129,7 +146,9 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
   first_epoch, last_epoch = start_step // spe, (num_steps - 1) // spe
   index_chunks, epoch_chunks = [], []
   for epoch in range(first_epoch, last_epoch + 1):
-    order = epoch_permutation(seed, epoch, n)[:spe * global_batch].reshape(spe, global_batch)
+    order = (balanced_epoch_order(seed, epoch, labels) if class_balanced
+             else epoch_permutation(seed, epoch, n))
+    order = order[:spe * global_batch].reshape(spe, global_batch)
     lo = start_step - epoch * spe if epoch == first_epoch else 0
     hi = min(spe, num_steps - epoch * spe)
     order = order[lo:hi, rows].reshape(-1)
