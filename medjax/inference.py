@@ -58,24 +58,35 @@ def sliding_window(predict: PredictFn, image: np.ndarray, roi_size: Sequence[int
   Returns:
     ``[*spatial, K]`` float32.
   """
+  return sliding_window_stack(predict, image[None], roi_size, overlap=overlap, blend=blend,
+                              batch_size=batch_size, mirror_axes=mirror_axes)[0]
+
+
+def sliding_window_stack(predict: PredictFn, images: np.ndarray, roi_size: Sequence[int], *,
+                         overlap: float = 0.5, blend: str = 'gaussian', batch_size: int = 4,
+                         mirror_axes: Sequence[int] = ()) -> np.ndarray:
+  """:func:`sliding_window` of a stack of same-size images ``[M, *spatial, C]`` (e.g. the
+  slices of a volume); windows of all images share batches. Returns ``[M, *spatial, K]``."""
   if not 0.0 <= overlap < 1.0:
     raise ValueError(f'overlap must be in [0, 1), got {overlap}')
-  spatial = image.shape[:-1]
+  spatial = images.shape[1:-1]
   roi = tuple(int(r) for r in roi_size)
   if len(roi) != len(spatial):
     raise ValueError(f'roi_size {roi} does not match image spatial shape {spatial}')
-  pads = [(0, max(0, r - s)) for s, r in zip(spatial, roi)] + [(0, 0)]
-  padded = np.pad(image, pads) if any(p[1] for p in pads) else image
-  full = padded.shape[:-1]
+  pads = [(0, 0)] + [(0, max(0, r - s)) for s, r in zip(spatial, roi)] + [(0, 0)]
+  padded = np.pad(images, pads) if any(p[1] for p in pads) else images
+  full = padded.shape[1:-1]
   weights = blend_weights(roi, blend)[..., None]
   starts = list(itertools.product(*[window_starts(s, r, overlap) for s, r in zip(full, roi)]))
+  windows_at = [(m, st) for m in range(len(images)) for st in starts]
   flips = [combo for n in range(len(mirror_axes) + 1)
            for combo in itertools.combinations(mirror_axes, n)]
-  output, total_weight = None, np.zeros(full + (1,), np.float32)
-  for i in range(0, len(starts), batch_size):
-    chunk = starts[i:i + batch_size]
-    windows = np.stack([padded[tuple(slice(s, s + r) for s, r in zip(st, roi))]
-                        for st in chunk])
+  output = None
+  total_weight = np.zeros((len(images),) + full + (1,), np.float32)
+  for i in range(0, len(windows_at), batch_size):
+    chunk = windows_at[i:i + batch_size]
+    windows = np.stack([padded[(m,) + tuple(slice(s, s + r) for s, r in zip(st, roi))]
+                        for m, st in chunk])
     prediction = None
     for axes in flips:
       batch_axes = tuple(a + 1 for a in axes)
@@ -85,10 +96,10 @@ def sliding_window(predict: PredictFn, image: np.ndarray, roi_size: Sequence[int
       prediction = out if prediction is None else prediction + out
     prediction /= len(flips)
     if output is None:
-      output = np.zeros(full + (prediction.shape[-1],), np.float32)
-    for st, pred in zip(chunk, prediction):
-      region = tuple(slice(s, s + r) for s, r in zip(st, roi))
+      output = np.zeros((len(images),) + full + (prediction.shape[-1],), np.float32)
+    for (m, st), pred in zip(chunk, prediction):
+      region = (m,) + tuple(slice(s, s + r) for s, r in zip(st, roi))
       output[region] += pred * weights
       total_weight[region] += weights
   output /= total_weight
-  return output[tuple(slice(0, s) for s in spatial)]
+  return output[(slice(None),) + tuple(slice(0, s) for s in spatial)]

@@ -175,11 +175,11 @@ class SegmentationExperiment(Experiment):
       return inference.sliding_window(predict, image, self.patch_size, overlap=cfg.overlap,
                                       blend=cfg.blend, batch_size=batch,
                                       mirror_axes=tuple(cfg.mirror_axes))
-    slices = [inference.sliding_window(predict, np.take(image, i, axis=self.slice_axis),
-                                       self.patch_size, overlap=cfg.overlap, blend=cfg.blend,
-                                       batch_size=batch, mirror_axes=tuple(cfg.mirror_axes))
-              for i in range(image.shape[self.slice_axis])]
-    return np.stack(slices, axis=self.slice_axis)
+    slices = np.moveaxis(image, self.slice_axis, 0)  # [M, *slice, C]
+    probs = inference.sliding_window_stack(
+        predict, slices, self.patch_size, overlap=cfg.overlap, blend=cfg.blend,
+        batch_size=batch, mirror_axes=tuple(cfg.mirror_axes))
+    return np.moveaxis(probs, 0, self.slice_axis)
 
   def predict_case(self, state, case_id: str) -> np.ndarray:
     """Label map of a prepared case, on the original file's grid."""

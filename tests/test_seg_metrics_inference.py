@@ -154,3 +154,15 @@ def test_score_command_on_real_labels(tmp_path):
            pred_dir / 'hippocampus_004.nii.gz')
   with pytest.raises(Exception, match='affine differs'):
     scoring.score_folders(str(pred_dir), str(ref_dir), str(tmp_path / 'out2'), 3)
+
+
+def test_sliding_window_stack_equals_one_image_at_a_time():
+  rng = np.random.default_rng(3)
+  stack = rng.normal(size=(5, 30, 21, 1)).astype(np.float32)
+  predict = lambda w: np.concatenate([np.tanh(w), w ** 2], -1)  # noqa: E731
+  together = inference.sliding_window_stack(predict, stack, (16, 16), batch_size=7,
+                                            mirror_axes=(1,))
+  for m in range(5):
+    alone = inference.sliding_window(predict, stack[m], (16, 16), batch_size=2,
+                                     mirror_axes=(1,))
+    np.testing.assert_allclose(together[m], alone, rtol=1e-6, atol=1e-6)
