@@ -121,3 +121,53 @@ def load(seed: int = 1234, image_size: int = 32, num_train: int = 2000, num_val:
       class_names=CLASS_NAMES_3 if num_classes == 3 else CLASS_NAMES_2)
   data.validate('synthetic dataset')
   return data
+
+
+def write_segmentation_dataset(root: str, num_cases: int = 8, seed: int = 0,
+                               shape=(32, 40, 24), oblique: bool = True) -> str:
+  """Writes a small synthetic segmentation task in the MSD layout and returns ``root``.
+
+  Each case is an MRI-like volume (smooth texture, noise) holding an ellipsoidal structure
+  split into two labelled parts (1 'head', 2 'tail'), brighter than its surroundings. Cases
+  get random anisotropic spacings and, with ``oblique``, axis permutations and flips, so
+  orientation handling is exercised. Deterministic from ``seed``.
+  """
+  import json
+  import os
+
+  import nibabel as nib
+  rng = np.random.default_rng([seed, 7])
+  os.makedirs(os.path.join(root, 'imagesTr'), exist_ok=True)
+  os.makedirs(os.path.join(root, 'labelsTr'), exist_ok=True)
+  training = []
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing='ij'), -1)
+  for i in range(num_cases):
+    centre = np.array(shape) / 2 + rng.uniform(-3, 3, 3)
+    radii = np.array(shape) * rng.uniform(0.18, 0.28, 3)
+    inside = (((grid - centre) / radii) ** 2).sum(-1) <= 1
+    label = np.zeros(shape, np.uint8)
+    label[inside & (grid[..., 1] < centre[1])] = 1
+    label[inside & (grid[..., 1] >= centre[1])] = 2
+    texture = np.real(np.fft.ifftn(np.fft.fftn(rng.standard_normal(shape)) * np.exp(
+        -sum(np.fft.fftfreq(n)[tuple(slice(None) if a == j else None for a in range(3))] ** 2
+             for j, n in enumerate(shape)) / (2 * 0.08 ** 2))))
+    image = (100 + 15 * texture / (texture.std() + 1e-8) + 60 * (label == 1) + 40 * (label == 2)
+             + rng.normal(0, 8, shape)).astype(np.float32)
+    spacing = rng.choice([0.8, 1.0, 1.5, 2.0], 3)
+    affine = np.diag(list(spacing) + [1.0])
+    if oblique:
+      perm = rng.permutation(3)
+      signs = rng.choice([-1.0, 1.0], 3)
+      rot = np.eye(3)[perm] * signs[:, None]
+      affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = rng.uniform(-50, 50, 3)
+    name = f'synthetic_{i:03d}.nii.gz'
+    nib.save(nib.Nifti1Image(image, affine), os.path.join(root, 'imagesTr', name))
+    nib.save(nib.Nifti1Image(label, affine), os.path.join(root, 'labelsTr', name))
+    training.append({'image': f'./imagesTr/{name}', 'label': f'./labelsTr/{name}'})
+  meta = {'name': 'SyntheticStructures', 'tensorImageSize': '3D', 'modality': {'0': 'MRI'},
+          'labels': {'0': 'background', '1': 'head', '2': 'tail'},
+          'numTraining': num_cases, 'training': training, 'test': []}
+  with open(os.path.join(root, 'dataset.json'), 'w') as f:
+    json.dump(meta, f, indent=2)
+  return root
