@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
   score.add_argument('--out', required=True, help='folder for scores.csv and summary.json')
   score.add_argument('--num_classes', type=int, default=None,
                      help='classes including background (default: from the data)')
+  score.add_argument('--label_values', default='',
+                     help='stored value of each class in the references, e.g. 255,0')
   return parser
 
 
@@ -155,7 +157,8 @@ def _score(args) -> int:
   from medjax import scoring
   from medjax.data.nifti import VolumeError
   try:
-    summary = scoring.score_folders(args.pred, args.ref, args.out, args.num_classes)
+    values = tuple(int(v) for v in args.label_values.split(',')) if args.label_values else ()
+    summary = scoring.score_folders(args.pred, args.ref, args.out, args.num_classes, values)
   except (ValueError, VolumeError) as e:
     print(f'medjax: error: {e}', file=sys.stderr)
     return 1

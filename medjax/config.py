@@ -70,6 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.normalization = 'zscore'     # zscore | zscore_nonzero | ct | percentile | none
   c.data.ct_window = (-1000.0, 1000.0)
   c.data.crop_nonzero = True
+  # Stored label value of each class, e.g. (255, 0) when the structure of interest is stored
+  # as 0 (ISBI membranes), or (0, 1, 2, 4) for BraTS; () = the stored values are the classes.
+  c.data.label_values = ()
+  c.data.class_names = ()             # names of the classes; () = from dataset.json or '0', '1'..
   c.data.num_folds = 5
   c.data.fold = 0
   c.data.split_seed = 0               # the k-fold split does not change with c.seed

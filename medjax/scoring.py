@@ -33,7 +33,9 @@ def _files(folder: str) -> Dict[str, str]:
 
 
 def score_folders(pred_dir: str, ref_dir: str, out_dir: str,
-                  num_classes: Optional[int] = None) -> Dict:
+                  num_classes: Optional[int] = None, label_values=()) -> Dict:
+  """``label_values`` maps the reference files' stored values to classes (predictions
+  written by medjax already hold class indices)."""
   preds, refs = _files(pred_dir), _files(ref_dir)
   if not refs:
     raise ValueError(f'{ref_dir}: no NIfTI label files')
@@ -43,7 +45,7 @@ def score_folders(pred_dir: str, ref_dir: str, out_dir: str,
                      f"{', '.join(missing[:5])}")
   rows: List[Dict] = []
   for case_id, ref_path in refs.items():
-    ref = nifti.read_volume(ref_path, 'label', num_classes)
+    ref = nifti.read_volume(ref_path, 'label', num_classes, label_values)
     pred = nifti.read_volume(preds[case_id], 'label', num_classes)
     nifti.check_pair(ref, pred)  # the prediction must overlay its reference exactly
     k = num_classes or int(max(ref.array.max(), pred.array.max())) + 1

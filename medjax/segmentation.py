@@ -52,7 +52,8 @@ def parse_target_spacing(text: str):
 def prepare_options(cfg: ml_collections.ConfigDict) -> prepare.PrepareOptions:
   return prepare.PrepareOptions(target_spacing=parse_target_spacing(cfg.target_spacing),
                                 normalization=cfg.normalization,
-                                ct_window=tuple(cfg.ct_window), crop_nonzero=cfg.crop_nonzero)
+                                ct_window=tuple(cfg.ct_window), crop_nonzero=cfg.crop_nonzero,
+                                label_values=tuple(int(v) for v in cfg.label_values))
 
 
 SEG_LOSSES = ('dice_ce', 'dice', 'ce', 'focal', 'tversky', 'generalized_dice')
@@ -97,10 +98,15 @@ class SegmentationExperiment(Experiment):
     cache = cfg.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'medjax')
     prepared = prepare.prepare(cfg.root, cache, prepare_options(cfg), cfg.max_cases)
     split = prepare.kfold_split(prepared.case_ids, cfg.num_folds, cfg.fold, cfg.split_seed)
-    self.data = SegData(os.path.basename(os.path.normpath(cfg.root)), prepared.class_names,
-                        split, prepared)
+    class_names = list(cfg.class_names) or prepared.class_names
+    if len(class_names) != len(prepared.class_names):
+      raise ValueError(f'data.class_names has {len(class_names)} names but the labels have '
+                       f'{len(prepared.class_names)} classes')
+    self.data = SegData(os.path.basename(os.path.normpath(cfg.root)), class_names, split,
+                        prepared)
+    self.label_values = tuple(int(v) for v in cfg.label_values)
     self.cases = {c: prepared.load(c) for c in prepared.case_ids}
-    self.num_classes = len(prepared.class_names)
+    self.num_classes = len(class_names)
     self.slice_axis = None if cfg.slice_axis < 0 else cfg.slice_axis
     self.patch_size = tuple(int(p) for p in cfg.patch_size)
     expected_dims = prepared.spatial_dims - (1 if self.slice_axis is not None else 0)
@@ -206,11 +212,13 @@ class SegmentationExperiment(Experiment):
       record = self.data.prepared.records[case_id]
       prediction = self.predict_case(state, case_id)
       if self.data.prepared.spatial_dims == 3:
-        reference = nifti.read_volume(record['label'], 'label', self.num_classes)
+        reference = nifti.read_volume(record['label'], 'label', self.num_classes,
+                                      self.label_values)
         ref_array, spacing = reference.array, reference.spacing
       else:
         from medjax.data.layouts import read_image_2d
-        ref_array, spacing = read_image_2d(record['label'], 'label'), (1.0, 1.0)
+        ref_array = read_image_2d(record['label'], 'label', self.label_values)
+        spacing = (1.0, 1.0)  # 2D images carry no spacing: distances in pixels
       per_case[case_id] = seg_metrics.segmentation_metrics(prediction, ref_array,
                                                            self.num_classes, spacing)
       predictions[case_id] = prediction

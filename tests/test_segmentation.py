@@ -180,3 +180,26 @@ def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):
     denominator = np.sum(p == 1) + np.sum(r == 1)
     independent = 2 * np.sum((p == 1) & (r == 1)) / denominator
     assert ours == pytest.approx(independent)
+
+
+def test_isbi_2d_config_runs_with_membrane_as_class_1(tmp_path):
+  shared_file('isbi2012_em_membrane', 'train', 'label', '0.png')
+  c = config_lib.load_config_file('configs/isbi2012_unet2d.py:runlocal')
+  config_lib.apply_overrides(c, [f'data.cache_dir={tmp_path / "cache"}'])
+  results = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert 'dice_membrane' in results['val']
+  exp = train_lib.make_experiment(c)
+  case_id = exp.data.splits['train'][0]
+  _, label, _ = exp.cases[case_id]
+  raw = np.asarray(__import__('PIL.Image', fromlist=['Image']).open(
+      exp.data.prepared.records[case_id]['label']))
+  np.testing.assert_array_equal(np.asarray(label) == 1, raw == 0)  # membrane (stored 0) = 1
+
+
+def test_label_values_map_and_reject_unlisted_values(tmp_path):
+  from medjax.data import nifti
+  labels = np.array([[0, 4], [2, 1]])
+  np.testing.assert_array_equal(nifti.map_label_values(labels, (0, 1, 2, 4), 'x.nii.gz'),
+                                [[0, 3], [2, 1]])
+  with pytest.raises(nifti.VolumeError, match=r'x.nii.gz: label values \[4\] are not in'):
+    nifti.map_label_values(labels, (0, 1, 2), 'x.nii.gz')

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -106,10 +106,11 @@ def find_cases(root: str) -> DatasetInfo:
   return info
 
 
-def read_image_2d(path: str, kind: str = 'image') -> np.ndarray:
+def read_image_2d(path: str, kind: str = 'image', label_values: Sequence[int] = ()) -> np.ndarray:
   """A 2D image ``[H, W, C]`` (float32) or label map ``[H, W]`` (int32).
 
-  Binary masks stored as {0, 255} are mapped to {0, 1}.
+  Labels: with ``label_values``, stored values map to classes (``nifti.map_label_values``);
+  without, binary masks stored as {0, 255} become {0, 1}.
   """
   from PIL import Image, UnidentifiedImageError
   if not os.path.isfile(path):
@@ -130,13 +131,16 @@ def read_image_2d(path: str, kind: str = 'image') -> np.ndarray:
     if array.shape[2] > 1 and not np.all(array == array[..., :1]):
       raise nifti.VolumeError(f'{path}: label image has {array.shape[2]} differing channels')
     array = array[..., 0]
+  if len(label_values):
+    return nifti.map_label_values(array, label_values, path)
   values = np.unique(array)
   if set(values.tolist()) <= {0, 255}:
     array = (array == 255)
   return array.astype(np.int32)
 
 
-def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int]) -> Dict:
+def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int],
+                label_values: Sequence[int] = ()) -> Dict:
   """Reads and checks one case; returns its fingerprint entry."""
   if info.spatial_dims == 3:
     image = nifti.read_volume(case.image, 'image')
@@ -145,7 +149,7 @@ def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int]) -> Di
              'axcodes': ''.join(image.axcodes)}
     image_array = image.array
     if case.label is not None:
-      label = nifti.read_volume(case.label, 'label', num_classes)
+      label = nifti.read_volume(case.label, 'label', num_classes, label_values)
       nifti.check_pair(image, label)
       label_array = label.array
   else:
@@ -153,7 +157,7 @@ def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int]) -> Di
     entry = {'case': case.case_id, 'shape': list(image_array.shape[:2]),
              'channels': int(image_array.shape[2])}
     if case.label is not None:
-      label_array = read_image_2d(case.label, 'label')
+      label_array = read_image_2d(case.label, 'label', label_values)
       if label_array.shape != image_array.shape[:2]:
         raise nifti.VolumeError(f'{case.label}: label shape {label_array.shape} differs from '
                                 f'image {case.image} shape {image_array.shape[:2]}')
@@ -175,7 +179,7 @@ def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int]) -> Di
   return entry
 
 
-def check_dataset(root: str, max_cases: int = 0) -> Dict:
+def check_dataset(root: str, max_cases: int = 0, label_values: Sequence[int] = ()) -> Dict:
   """Validates every case and computes the dataset fingerprint.
 
   Returns a dict with ``cases`` (per-case shape, spacing, orientation, intensity and label
@@ -190,7 +194,7 @@ def check_dataset(root: str, max_cases: int = 0) -> Dict:
     if case.label is None:
       problems.append(f'{case.image}: no label file for case {case.case_id}')
     try:
-      entries.append(_case_stats(info, case, num_classes))
+      entries.append(_case_stats(info, case, num_classes, label_values))
     except nifti.VolumeError as e:
       problems.append(str(e))
   summary: Dict = {'root': os.path.abspath(root), 'layout': info.layout,

@@ -101,13 +101,34 @@ def _data(image: nib.Nifti1Image, path: str) -> np.ndarray:
         from None
 
 
-def read_volume(path: str, kind: str = 'image', num_classes: Optional[int] = None) -> Volume:
+def map_label_values(labels: np.ndarray, values: Sequence[int], path: str) -> np.ndarray:
+  """Stored label values -> class indices: ``values[k]`` becomes class ``k``.
+
+  E.g. ``(255, 0)`` makes stored 255 class 0 and stored 0 class 1; ``(0, 1, 2, 4)`` maps
+  BraTS's label 4 to class 3. A stored value not listed is an error naming the file.
+  """
+  values = np.asarray(values)
+  present = np.unique(labels)
+  unknown = np.setdiff1d(present, values)
+  if unknown.size:
+    raise VolumeError(f'{path}: label values {unknown[:5].tolist()} are not in data.label_values '
+                      f'{values.tolist()}')
+  lookup = {int(v): k for k, v in enumerate(values)}
+  out = np.zeros(labels.shape, np.int32)
+  for v in present:
+    out[labels == v] = lookup[int(v)]
+  return out
+
+
+def read_volume(path: str, kind: str = 'image', num_classes: Optional[int] = None,
+                label_values: Sequence[int] = ()) -> Volume:
   """Reads and validates a 3D NIfTI volume.
 
   Args:
     path: ``.nii`` or ``.nii.gz`` file.
     kind: 'image' (float32, must be finite) or 'label' (integral values, returned as int32).
     num_classes: for labels, values must lie in ``[0, num_classes)``.
+    label_values: for labels, the stored value of each class (:func:`map_label_values`).
   Raises:
     VolumeError: missing, not NIfTI, corrupt or truncated, not 3D, NaN/inf voxels,
       non-integer labels or labels outside the declared classes; the message names the file.
@@ -140,6 +161,8 @@ def read_volume(path: str, kind: str = 'image', num_classes: Optional[int] = Non
         raise VolumeError(f'{path}: label map has non-integer values (e.g. {example})')
       values = rounded
     data = values.astype(np.int32)
+    if len(label_values):
+      data = map_label_values(data, label_values, path)
     if num_classes is not None:
       bad = (data < 0) | (data >= num_classes)
       if bad.any():

@@ -43,6 +43,7 @@ class PrepareOptions:
   ct_window: Tuple[float, float] = (-1000.0, 1000.0)
   percentiles: Tuple[float, float] = (0.5, 99.5)
   crop_nonzero: bool = True
+  label_values: Tuple[int, ...] = ()  # stored value of each class; () = stored as classes
 
   def key(self) -> str:
     text = json.dumps([CACHE_VERSION, dataclasses.asdict(self)], sort_keys=True, default=str)
@@ -77,14 +78,15 @@ def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generato
 
 
 def _load_pair(info: layouts.DatasetInfo, case: layouts.Case, target_spacing,
-               num_classes: Optional[int]):
+               num_classes: Optional[int], label_values: Sequence[int] = ()):
   """Image ``[*spatial, C]``, label ``[*spatial]`` and the geometry record, before cropping
   and normalisation; ``case.label`` None gives no label."""
   if info.spatial_dims == 3:
     image = nifti.to_canonical(nifti.read_volume(case.image, 'image'))
     label = None
     if case.label is not None:
-      label = nifti.to_canonical(nifti.read_volume(case.label, 'label', num_classes))
+      label = nifti.to_canonical(nifti.read_volume(case.label, 'label', num_classes,
+                                                   label_values))
       nifti.check_pair(image, label)
     record = {'original_shape': list(image.original_shape),
               'original_affine': image.original_affine.tolist(),
@@ -103,7 +105,7 @@ def _load_pair(info: layouts.DatasetInfo, case: layouts.Case, target_spacing,
   image_array = layouts.read_image_2d(case.image, 'image')
   label_array = None
   if case.label is not None:
-    label_array = layouts.read_image_2d(case.label, 'label')
+    label_array = layouts.read_image_2d(case.label, 'label', label_values)
     if label_array.shape != image_array.shape[:2]:
       raise nifti.VolumeError(f'{case.label}: label shape {label_array.shape} differs from '
                               f'image {case.image} shape {image_array.shape[:2]}')
@@ -129,7 +131,8 @@ def _crop_and_normalise(image_array, label_array, record, options: PrepareOption
 
 def _prepare_case(info: layouts.DatasetInfo, case: layouts.Case, options: PrepareOptions,
                   target_spacing, num_classes: Optional[int]):
-  image, label, record = _load_pair(info, case, target_spacing, num_classes)
+  image, label, record = _load_pair(info, case, target_spacing, num_classes,
+                                    options.label_values)
   return _crop_and_normalise(image, label, record, options)
 
 
@@ -185,7 +188,7 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
       return PreparedDataset(directory, manifest['case_ids'], manifest['class_names'],
                              manifest['spatial_dims'], manifest['records'],
                              manifest['fingerprint'], manifest['target_spacing_mm'])
-  report = layouts.check_dataset(root, max_cases)
+  report = layouts.check_dataset(root, max_cases, options.label_values)
   if report['problems']:
     raise ValueError(f'{root}: {len(report["problems"])} problem(s) found; fix them or remove '
                      'the cases:\n' + '\n'.join(report['problems']))
