@@ -67,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.root = ''                    # MSD folder (dataset.json) or image/label folders
   c.data.cache_dir = ''               # prepared cases; '' = ~/.cache/medjax
   c.data.target_spacing = 'keep'      # 'keep' | 'median' | 'x,y,z' in mm
-  c.data.normalization = 'zscore'     # zscore | zscore_nonzero | ct | percentile | none
+  c.data.normalization = 'zscore'     # zscore | zscore_nonzero | ct | percentile | none | auto
   c.data.ct_window = (-1000.0, 1000.0)
   c.data.crop_nonzero = True
   # Stored label value of each class, e.g. (255, 0) when the structure of interest is stored
@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.fold = 0
   c.data.split_seed = 0               # the k-fold split does not change with c.seed
   c.data.max_cases = 0                # 0 = all
-  c.data.patch_size = (40, 56, 40)
+  c.data.patch_size = (40, 56, 40)    # () = from the data (median shape, see auto_patch_size)
   c.data.slice_axis = -1              # -1: patches of the data's dimensionality; 0/1/2: 2D slices
   c.data.skip_empty_slices = False
   c.data.foreground_fraction = 1.0 / 3.0

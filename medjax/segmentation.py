@@ -70,10 +70,25 @@ class SegData:
 
   def summary(self) -> str:
     f = self.prepared.fingerprint
+    options = self.prepared.options
     return (f"{self.name}: segmentation, {len(self.class_names)} classes "
             f"({', '.join(self.class_names)}), {len(self.splits['train'])} train / "
             f"{len(self.splits['val'])} val cases, median shape {f.get('shape_median')}, "
-            f"median spacing {f.get('spacing_median_mm')} mm")
+            f"median spacing {f.get('spacing_median_mm')} mm, normalisation "
+            f"{options.get('normalization')}")
+
+
+def auto_patch_size(prepared, slice_axis, model_cfg, cap_3d: int = 128,
+                    cap_2d: int = 512) -> Tuple[int, ...]:
+  """The median prepared case shape (a slice of it for 2D slices), rounded up to a multiple
+  of the network's total stride and capped per axis (128 voxels in 3D, 512 pixels in 2D)."""
+  shapes = np.array([r['shape'] for r in prepared.records.values()])
+  median = np.median(shapes, axis=0)
+  if slice_axis is not None:
+    median = np.delete(median, slice_axis)
+  stride = int(np.prod(model_cfg.get('strides', (1, 2, 2, 2, 2))))
+  cap = cap_3d if len(median) == 3 else cap_2d
+  return tuple(int(min(cap, stride * math.ceil(m / stride))) for m in median)
 
 
 def _downsample_labels(labels: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -108,7 +123,8 @@ class SegmentationExperiment(Experiment):
     self.cases = {c: prepared.load(c) for c in prepared.case_ids}
     self.num_classes = len(class_names)
     self.slice_axis = None if cfg.slice_axis < 0 else cfg.slice_axis
-    self.patch_size = tuple(int(p) for p in cfg.patch_size)
+    self.patch_size = (tuple(int(p) for p in cfg.patch_size) if len(cfg.patch_size)
+                       else auto_patch_size(prepared, self.slice_axis, config.model))
     expected_dims = prepared.spatial_dims - (1 if self.slice_axis is not None else 0)
     if len(self.patch_size) != expected_dims:
       raise ValueError(f'data.patch_size {self.patch_size} needs {expected_dims} values for '
@@ -203,7 +219,7 @@ class SegmentationExperiment(Experiment):
     return ('train', 'val')
 
   def describe(self) -> str:
-    return self.data.summary()
+    return f'{self.data.summary()}, patch {self.patch_size}'
 
   def evaluate(self, state, split: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
     """Scores every case of ``split`` on its original grid, against its original label."""
@@ -289,7 +305,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, step=None) -> 
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for path in inputs:
-    image, record = prepare.prepare_image(path, prepare_options(config.data),
+    image, record = prepare.prepare_image(path, exp.data.prepared.resolved_options(),
                                           exp.data.prepared.target_spacing)
     labels = np.argmax(exp.predict_prepared(state, image), axis=-1).astype(np.uint8)
     labels = prepare.restore_original_grid(labels, record)

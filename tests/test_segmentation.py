@@ -203,3 +203,26 @@ def test_label_values_map_and_reject_unlisted_values(tmp_path):
                                 [[0, 3], [2, 1]])
   with pytest.raises(nifti.VolumeError, match=r'x.nii.gz: label values \[4\] are not in'):
     nifti.map_label_values(labels, (0, 1, 2), 'x.nii.gz')
+
+
+def test_auto_patch_size_and_normalisation_from_the_fingerprint(tmp_path):
+  from medjax.data import synthetic
+  root = synthetic.write_segmentation_dataset(str(tmp_path / 'data'), num_cases=4, seed=1,
+                                              shape=(30, 36, 22), oblique=False)
+  meta = json.load(open(os.path.join(root, 'dataset.json')))
+  meta['modality'] = {'0': 'CT'}
+  json.dump(meta, open(os.path.join(root, 'dataset.json'), 'w'))
+  c = config_lib.load_config_file('configs/hippocampus_unet3d.py:runlocal')
+  config_lib.apply_overrides(c, [f'data.root={root}', f'data.cache_dir={tmp_path / "cache"}',
+                                 'data.patch_size=()', 'data.normalization=auto',
+                                 'data.crop_nonzero=False', 'data.num_folds=2'])
+  exp = train_lib.make_experiment(c)
+  # Median shape (30, 36, 22) rounded up to the total stride 2 of the runlocal U-Net.
+  assert exp.patch_size == (30, 36, 22)
+  options = exp.data.prepared.resolved_options()
+  fingerprint = exp.data.prepared.fingerprint
+  assert options.normalization == 'ct'
+  assert options.ct_window == pytest.approx((fingerprint['foreground_intensity_p00_5'],
+                                             fingerprint['foreground_intensity_p99_5']))
+  image, _, _ = exp.cases[exp.data.splits['train'][0]]
+  assert 0.0 <= float(np.min(image)) and float(np.max(image)) <= 1.0  # windowed to [0, 1]

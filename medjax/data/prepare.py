@@ -35,7 +35,8 @@ class PrepareOptions:
       median spacing (nnU-Net's default). 3D only.
     normalization: 'zscore' (per case), 'zscore_nonzero' (statistics over nonzero voxels),
       'ct' (window ``ct_window`` HU to [0, 1]), 'percentile' (clip to ``percentiles`` then
-      z-score), or 'none'.
+      z-score), 'none', or 'auto': for CT (dataset.json modality), a window from the
+      dataset's foreground 0.5/99.5 percentiles, else 'zscore' (nnU-Net's rule).
     crop_nonzero: crop each case to the bounding box of its nonzero image voxels.
   """
   target_spacing: Optional[Tuple[float, ...] | str] = None
@@ -160,6 +161,13 @@ class PreparedDataset:
   records: Dict[str, Dict]
   fingerprint: Dict
   target_spacing: Optional[Tuple[float, ...]] = None  # resolved, mm (None: kept)
+  options: Dict = dataclasses.field(default_factory=dict)  # as resolved
+
+  def resolved_options(self) -> PrepareOptions:
+    """The options the cases were prepared with, 'auto' choices resolved; new images
+    must be prepared with exactly these."""
+    return PrepareOptions(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in self.options.items()})
 
   def load(self, case_id: str, mmap: bool = True) -> Tuple[np.ndarray, np.ndarray, Dict]:
     """(image ``[*spatial, C]``, label ``[*spatial]``, class locations) of one case."""
@@ -187,7 +195,8 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
     if manifest['root'] == os.path.abspath(root) and manifest['max_cases'] == max_cases:
       return PreparedDataset(directory, manifest['case_ids'], manifest['class_names'],
                              manifest['spatial_dims'], manifest['records'],
-                             manifest['fingerprint'], manifest['target_spacing_mm'])
+                             manifest['fingerprint'], manifest['target_spacing_mm'],
+                             manifest['options'])
   report = layouts.check_dataset(root, max_cases, options.label_values)
   if report['problems']:
     raise ValueError(f'{root}: {len(report["problems"])} problem(s) found; fix them or remove '
@@ -200,6 +209,12 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
   else:
     top = max(int(k) for e in report['cases'] for k in e['label_voxels'])
     class_names = [str(k) for k in range(top + 1)]
+  if options.normalization == 'auto':
+    if 'CT' in summary.get('modality', '').upper().split(','):
+      window = (summary['foreground_intensity_p00_5'], summary['foreground_intensity_p99_5'])
+      options = dataclasses.replace(options, normalization='ct', ct_window=window)
+    else:
+      options = dataclasses.replace(options, normalization='zscore')
   target = options.target_spacing
   if target == 'auto':
     target = tuple(summary['spacing_median_mm']) if info.spatial_dims == 3 else None
@@ -215,6 +230,7 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
     record.update(image=case.image, label=case.label)
     records[case.case_id] = record
   manifest = {'root': os.path.abspath(root), 'max_cases': max_cases,
+              # The options as resolved ('auto' decided), and the resolved spacing.
               'options': dataclasses.asdict(options), 'target_spacing_mm': target,
               'case_ids': [c.case_id for c in cases], 'class_names': class_names,
               'spatial_dims': info.spatial_dims, 'records': records, 'fingerprint': summary}
@@ -223,7 +239,7 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
     json.dump(manifest, f, default=list)
   os.replace(tmp, manifest_path)  # the manifest appears only once every case is written
   return PreparedDataset(directory, manifest['case_ids'], class_names, info.spatial_dims,
-                         records, summary, target)
+                         records, summary, target, manifest['options'])
 
 
 def restore_original_grid(prediction: np.ndarray, record: Dict) -> np.ndarray:
