@@ -11,7 +11,6 @@ the table shows whether the input pipeline keeps up.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import tempfile
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 
 from medjax.data import prepare, sampling
+from unet_upsampling import make_train_step  # benchmarks/ is on sys.path when run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, '..', '..', 'shared', 'data',
@@ -48,7 +48,6 @@ def time_train_step(patch, batch, steps=3, upsample='transpose') -> float:
   """Samples/s of a jit-compiled, donated U-Net train step (Dice+CE, Adam), nnU-Net-like
   Hippocampus network: 4 levels, 32..256 channels, instance norm."""
   import optax
-  from medjax import seg_losses
   from medjax.models import build_model
   model = build_model('unet', 3, features=(32, 64, 128, 256), strides=(1, 2, 2, 2),
                       upsample=upsample)
@@ -57,15 +56,7 @@ def time_train_step(patch, batch, steps=3, upsample='transpose') -> float:
   params = model.init(jax.random.PRNGKey(0), x[:1])['params']
   tx = optax.adam(1e-3)
   state = (params, tx.init(params))
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, x, y):
-    params, opt_state = state
-    loss, grads = jax.value_and_grad(
-        lambda p: seg_losses.dice_ce_loss(model.apply({'params': p}, x), y))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
+  step = make_train_step(model, tx)
   state, loss = step(state, x, y)
   jax.block_until_ready(loss)
   t0 = time.perf_counter()
