@@ -8,6 +8,7 @@ elastic deformation (the original paper's key augmentation), noise, blur, gamma.
 Validation: whole 512x512 slices by sliding window, Dice of the membrane class.
 
   medjax train --config configs/isbi2012_unet2d.py --workdir runs/isbi_f0
+  medjax train --config configs/isbi2012_unet2d.py:cpu --workdir runs/isbi_cpu  # CPU budget
   medjax train --config configs/isbi2012_unet2d.py:runlocal --workdir /tmp/isbi   # tests
 
 Expected result: not yet measured on this hardware (a 2-core CPU trains ~1 patch/s at
@@ -39,11 +40,17 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.train = dict(num_epochs=100, steps_per_epoch=100, batch_size=8, eval_batch_size=8,
                  eval_every_epochs=10, log_every_steps=50, selection_metric='dice',
                  selection_mode='max', keep_checkpoints=1)
-  if arg == 'runlocal':
+  if arg == 'cpu':
+    # What a 2-core CPU trains in ~10 minutes.
+    c.data.patch_size = (128, 128)
+    c.model.update(features=(16, 32, 64, 128), strides=(1, 2, 2, 2))
+    c.train.update(num_epochs=16, steps_per_epoch=25, batch_size=8, eval_every_epochs=4,
+                   log_every_steps=25)
+  elif arg == 'runlocal':
     c.data.update(max_cases=6, num_folds=3, patch_size=(64, 64))
     c.model.update(features=(4, 8), strides=(1, 2), deep_supervision=False)
     c.train.update(num_epochs=2, steps_per_epoch=2, batch_size=2, eval_batch_size=4,
                    eval_every_epochs=1, log_every_steps=1, progress_bar=False)
   elif arg:
-    raise ValueError(f"unknown config argument '{arg}'; expected '' or 'runlocal'")
+    raise ValueError(f"unknown config argument '{arg}'; expected '', 'cpu' or 'runlocal'")
   return c

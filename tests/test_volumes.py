@@ -108,14 +108,25 @@ def test_linear_resampling_reproduces_a_linear_ramp():
   np.testing.assert_allclose(out[1:-1, 0, 0], centres[1:-1], atol=1e-5)
 
 
-def test_save_like_writes_the_input_affine(oblique_pair, tmp_path):
+def test_save_like_writes_the_input_affine_and_header(oblique_pair, tmp_path):
   image_path, _, original, _, affine = oblique_pair
+  source = nib.load(image_path)
+  source.header['descrip'] = b'scanner X, protocol Y'
+  source.header.set_xyzt_units('mm', 'sec')
+  source.header.set_qform(affine, code=1)
+  source.header.set_sform(affine, code=2)
+  nib.save(nib.Nifti1Image(np.asarray(source.dataobj), affine, source.header), image_path)
   volume = nifti.read_volume(image_path)
   out = tmp_path / 'pred.nii.gz'
   nifti.save_like((original > original.mean()).astype(np.uint8), volume, str(out))
   saved = nib.load(str(out))
   np.testing.assert_allclose(saved.affine, affine, atol=1e-6)
   assert saved.shape == original.shape and nib.aff2axcodes(saved.affine) == ('A', 'I', 'L')
+  assert saved.header['descrip'] == b'scanner X, protocol Y'
+  assert saved.header.get_xyzt_units() == ('mm', 'sec')
+  assert int(saved.header['sform_code']) == 2 and saved.get_data_dtype() == np.uint8
+  np.testing.assert_array_equal(np.asarray(saved.dataobj),
+                                (original > original.mean()).astype(np.uint8))
 
 
 # ----- bad input: one test per class, each made from a real file ----------------------------

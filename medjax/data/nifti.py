@@ -42,6 +42,8 @@ class Volume:
     original_shape: spatial shape of the file on disk.
     to_current: nibabel orientation transform from the file's axes to ``array``'s axes
       (identity until :func:`to_canonical`).
+    header: a copy of the file's NIfTI header (units, description, qform/sform codes),
+      reused when writing results for this file.
   """
   array: np.ndarray
   affine: np.ndarray
@@ -49,6 +51,7 @@ class Volume:
   original_affine: np.ndarray
   original_shape: Tuple[int, int, int]
   to_current: np.ndarray
+  header: Optional[nib.Nifti1Header] = None
 
   @property
   def spacing(self) -> Tuple[float, ...]:
@@ -171,7 +174,8 @@ def read_volume(path: str, kind: str = 'image', num_classes: Optional[int] = Non
                           f'0..{num_classes - 1}')
   return Volume(array=data, affine=affine, path=path, original_affine=affine.copy(),
                 original_shape=tuple(int(s) for s in data.shape),
-                to_current=orientations.axcodes2ornt(CANONICAL))  # identity transform
+                to_current=orientations.axcodes2ornt(CANONICAL),  # identity transform
+                header=image.header.copy())
 
 
 def check_pair(image: Volume, label: Volume, atol_mm: float = 1e-3) -> None:
@@ -251,7 +255,15 @@ def save_like(array: np.ndarray, reference: Volume, path: str,
   if tuple(array.shape[:3]) != tuple(reference.original_shape):
     raise ValueError(f'array shape {array.shape} does not match {reference.path} '
                      f'shape {reference.original_shape}')
-  image = nib.Nifti1Image(np.asarray(array, dtype=dtype), reference.original_affine)
-  image.set_qform(reference.original_affine, code=1)
-  image.set_sform(reference.original_affine, code=1)
+  affine = reference.original_affine
+  header = None
+  if isinstance(reference.header, nib.Nifti1Header):
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)  # labels are stored as they are, never rescaled
+  image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine, header=header)
+  qform_code = int(reference.header['qform_code']) if header is not None else 0
+  sform_code = int(reference.header['sform_code']) if header is not None else 0
+  image.set_qform(affine, code=qform_code or 1)
+  image.set_sform(affine, code=sform_code or 1)
   nib.save(image, path)
