@@ -11,8 +11,10 @@ Validation: whole 512x512 slices by sliding window, Dice of the membrane class.
   medjax train --config configs/isbi2012_unet2d.py:cpu --workdir runs/isbi_cpu  # CPU budget
   medjax train --config configs/isbi2012_unet2d.py:runlocal --workdir /tmp/isbi   # tests
 
-Expected result: not yet measured on this hardware (a 2-core CPU trains ~1 patch/s at
-256x256); the full recipe is meant for a GPU. Membranes are 22% of the pixels.
+Expected result: ':cpu' (400 steps of 8 patches of 128x128, ~10 min on 2 cores), fold 0:
+membrane Dice 0.805, HD95 10.7 px (2D PNGs carry no spacing: distances in pixels). The full
+recipe (a 2-core CPU trains ~1 patch/s at 256x256) is meant for a GPU and is not yet
+measured. Membranes are 22% of the pixels.
 """
 
 import os
