@@ -252,6 +252,9 @@ class SegmentationExperiment(Experiment):
         nifti.save_like(labels, reference, os.path.join(out, f'{case_id}.nii.gz'))
       else:
         np.save(os.path.join(out, f'{case_id}.npy'), labels)
+
+  def write_run_files(self, workdir: str) -> None:
+    """``split.json``: the k-fold split's train and val case ids."""
     with open(os.path.join(workdir, 'split.json'), 'w') as f:
       json.dump(self.data.splits, f, indent=2)
 

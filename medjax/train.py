@@ -115,6 +115,9 @@ class Experiment:
   def save_predictions(self, workdir: str, split: str, predictions) -> None:
     save_predictions(workdir, split, predictions, self.data.class_names)
 
+  def write_run_files(self, workdir: str) -> None:
+    """Files describing the run, written when training starts (none for classification)."""
+
   def describe(self) -> str:
     return self.data.summary()
 
@@ -332,6 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       f.write(config_lib.to_json(config) + '\n')
 
   exp = make_experiment(config)
+  if _is_main():
+    exp.write_run_files(workdir)
   tcfg = config.train
   manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints, tcfg.selection_metric,
                                     tcfg.selection_mode)

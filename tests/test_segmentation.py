@@ -76,6 +76,9 @@ def test_segmentation_resume_is_exact(seg_run):
   stopped = train_lib.train_and_evaluate(_config(str(tmp / 'cache'),
                                                  **{'train.stop_after_steps': 4}), other)
   assert stopped == {'stopped_at_step': 4}
+  # The split is on disk from the start, not only once training finishes.
+  assert json.load(open(os.path.join(other, 'split.json'))) == json.load(
+      open(os.path.join(workdir, 'split.json')))
   resumed = train_lib.train_and_evaluate(config, other)
   assert resumed['val']['per_case'] == results['val']['per_case']
   losses = lambda w: [json.loads(l)['loss'] for l in open(os.path.join(w, 'metrics.jsonl'))  # noqa
