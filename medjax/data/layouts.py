@@ -139,6 +139,16 @@ def read_image_2d(path: str, kind: str = 'image', label_values: Sequence[int] = 
   return array.astype(np.int32)
 
 
+def read_pair_2d(case: Case, label_values: Sequence[int] = ()) -> Tuple[np.ndarray, np.ndarray]:
+  """Image ``[H, W, C]`` and label ``[H, W]`` of a 2D case; their shapes must agree."""
+  image = read_image_2d(case.image, 'image')
+  label = read_image_2d(case.label, 'label', label_values)
+  if label.shape != image.shape[:2]:
+    raise nifti.VolumeError(f'{case.label}: label shape {label.shape} differs from image '
+                            f'{case.image} shape {image.shape[:2]}')
+  return image, label
+
+
 def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int],
                 label_values: Sequence[int] = ()) -> Dict:
   """Reads and checks one case; returns its fingerprint entry."""
@@ -153,16 +163,14 @@ def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int],
       nifti.check_pair(image, label)
       label_array = label.array
   else:
-    image_array = read_image_2d(case.image, 'image')
+    if case.label is not None:
+      image_array, label_array = read_pair_2d(case, label_values)
+    else:
+      image_array = read_image_2d(case.image, 'image')
     entry = {'case': case.case_id, 'shape': list(image_array.shape[:2]),
              'channels': int(image_array.shape[2])}
-    if case.label is not None:
-      label_array = read_image_2d(case.label, 'label', label_values)
-      if label_array.shape != image_array.shape[:2]:
-        raise nifti.VolumeError(f'{case.label}: label shape {label_array.shape} differs from '
-                                f'image {case.image} shape {image_array.shape[:2]}')
-      if num_classes is not None and label_array.max() >= num_classes:
-        raise nifti.VolumeError(f'{case.label}: labels outside 0..{num_classes - 1}')
+    if case.label is not None and num_classes is not None and label_array.max() >= num_classes:
+      raise nifti.VolumeError(f'{case.label}: labels outside 0..{num_classes - 1}')
   if case.label is None:
     entry['label'] = None
     foreground = np.ones(image_array.shape[:info.spatial_dims], bool)

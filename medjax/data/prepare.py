@@ -103,13 +103,10 @@ def _load_pair(info: layouts.DatasetInfo, case: layouts.Case, target_spacing,
     record['spacing_mm'] = list(image.spacing)
     record['affine'] = image.affine.tolist()
     return image.array[..., None], None if label is None else label.array, record
-  image_array = layouts.read_image_2d(case.image, 'image')
-  label_array = None
   if case.label is not None:
-    label_array = layouts.read_image_2d(case.label, 'label', label_values)
-    if label_array.shape != image_array.shape[:2]:
-      raise nifti.VolumeError(f'{case.label}: label shape {label_array.shape} differs from '
-                              f'image {case.image} shape {image_array.shape[:2]}')
+    image_array, label_array = layouts.read_pair_2d(case, label_values)
+  else:
+    image_array, label_array = layouts.read_image_2d(case.image, 'image'), None
   shape = list(image_array.shape[:2])
   return image_array, label_array, {'original_shape': shape, 'resampled_shape': shape}
 

@@ -96,10 +96,6 @@ class MedjaxImageFolder(tfds.core.GeneratorBasedBuilder):
     for case in info.cases:
       if case.label is None:
         raise nifti.VolumeError(f'{case.image}: no label file for case {case.case_id}')
-      image = layouts.read_image_2d(case.image, 'image')
-      label = layouts.read_image_2d(case.label, 'label')
-      if label.shape != image.shape[:2]:
-        raise nifti.VolumeError(f'{case.label}: label shape {label.shape} differs from image '
-                                f'{case.image} shape {image.shape[:2]}')
+      image, label = layouts.read_pair_2d(case)
       yield case.case_id, {'case_id': case.case_id, 'image': image,
                            'label': label.astype(np.uint8)}
