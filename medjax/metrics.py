@@ -96,6 +96,42 @@ def _mean(values) -> float:
   return float(np.mean(defined)) if defined.size else float('nan')
 
 
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
+                     num_bins: int = 15) -> Dict[str, np.ndarray]:
+  """Equal-width confidence bins on [0, 1] (``(lo, hi]``, the first also holds 0).
+
+  Returns ``edges [num_bins + 1]`` and per bin ``count``, ``accuracy`` (fraction correct)
+  and ``confidence`` (mean confidence); empty bins hold NaN.
+  """
+  confidence = np.asarray(confidence, np.float64).reshape(-1)
+  correct = np.asarray(correct, np.float64).reshape(-1)
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  index = np.clip(np.searchsorted(edges, confidence, side='left') - 1, 0, num_bins - 1)
+  count = np.bincount(index, minlength=num_bins).astype(np.float64)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    accuracy = np.bincount(index, correct, minlength=num_bins) / count
+    mean_conf = np.bincount(index, confidence, minlength=num_bins) / count
+  return {'edges': edges, 'count': count, 'accuracy': accuracy, 'confidence': mean_conf}
+
+
+def top_label_confidence(task: str, labels: np.ndarray, scores: np.ndarray):
+  """(confidence ``[N]``, correct ``[N]``) of the predicted class; for binary the decision
+  is ``scores[:, 1] > 0.5`` and the confidence that of the chosen class."""
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels).reshape(-1)
+  preds = np.argmax(scores, axis=1)
+  return scores[np.arange(len(scores)), preds], (preds == labels).astype(np.float64)
+
+
+def expected_calibration_error(task: str, labels: np.ndarray, scores: np.ndarray,
+                               num_bins: int = 15) -> float:
+  """Top-label ECE (Guo et al. 2017): ``sum_b n_b / N * |accuracy_b - confidence_b|``."""
+  bins = calibration_bins(*top_label_confidence(task, labels, scores), num_bins)
+  filled = bins['count'] > 0
+  weights = bins['count'][filled] / bins['count'].sum()
+  return float(np.sum(weights * np.abs(bins['accuracy'][filled] - bins['confidence'][filled])))
+
+
 def classification_metrics(task: str, labels: np.ndarray, scores: np.ndarray,
                            threshold: float = 0.5) -> Dict[str, object]:
   """All classification metrics for one split.
@@ -170,5 +206,6 @@ def classification_metrics(task: str, labels: np.ndarray, scores: np.ndarray,
   out['balanced_accuracy'] = _mean(rates['recall'][present])
   if task == 'ordinal':
     out['mae'] = float(np.mean(np.abs(labels - preds)))
+  out['ece'] = expected_calibration_error(task, labels, scores)
   out['confusion_matrix'] = cm.tolist()
   return out

@@ -28,7 +28,7 @@ METRICS = ('dice', 'iou', 'sensitivity', 'precision', 'hd95', 'assd')
 def _files(folder: str) -> Dict[str, str]:
   if not os.path.isdir(folder):
     raise ValueError(f'{folder}: not a directory')
-  return {layouts._strip_suffix(f): os.path.join(folder, f) for f in sorted(os.listdir(folder))
+  return {layouts.strip_suffix(f): os.path.join(folder, f) for f in sorted(os.listdir(folder))
           if f.lower().endswith(layouts.NIFTI_SUFFIXES)}
 
 

@@ -175,10 +175,7 @@ class SegmentationExperiment(Experiment):
 
   # ----- inference ---------------------------------------------------------------------
   def _predict_impl(self, state, windows):
-    variables = {'params': state.params}
-    if jax.tree.leaves(state.batch_stats):
-      variables['batch_stats'] = state.batch_stats
-    logits = self.model.apply(variables, windows, train=False)
+    logits = self.model.apply(self.variables(state), windows, train=False)
     return jax.nn.softmax(logits, axis=-1)
 
   def predict_prepared(self, state, image: np.ndarray) -> np.ndarray:
@@ -285,26 +282,14 @@ def predict_files(workdir: str, input_path: str, output_dir: str, step=None) -> 
   normalisation), predicted by sliding window with the selected (or given) checkpoint, and
   mapped back onto its own grid.
   """
-  from medjax import checkpoint, config as config_lib
   from medjax.data import layouts
-  from medjax.train import _selected_step
-  config = config_lib.from_json_file(os.path.join(workdir, 'config.json'))
-  if config.task != 'segmentation':
-    raise ValueError(f'{workdir} holds a {config.task} model; predict writes segmentations')
-  if os.path.isdir(input_path):
-    inputs = [os.path.join(input_path, f) for f in sorted(os.listdir(input_path))
-              if f.lower().endswith(layouts.NIFTI_SUFFIXES)]
-  else:
-    inputs = [input_path]
-  if not inputs:
-    raise ValueError(f'{input_path}: no NIfTI files to predict')
-  exp = SegmentationExperiment(config)
+  from medjax.train import restore_workdir
+  inputs = layouts.list_files(input_path, layouts.NIFTI_SUFFIXES)
+  exp, state, _ = restore_workdir(workdir, step)
+  if exp.task != 'segmentation':
+    raise ValueError(f'{workdir} holds a {exp.task} model; predict writes segmentations')
   if exp.data.prepared.spatial_dims != 3:
     raise ValueError('predict writes NIfTI and needs a model trained on NIfTI volumes')
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
-                                    config.train.selection_metric, config.train.selection_mode)
-  state, _ = checkpoint.restore(manager, _selected_step(manager, workdir, step),
-                                exp.abstract_state())
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for path in inputs:
@@ -312,7 +297,7 @@ def predict_files(workdir: str, input_path: str, output_dir: str, step=None) -> 
                                           exp.data.prepared.target_spacing)
     labels = np.argmax(exp.predict_prepared(state, image), axis=-1).astype(np.uint8)
     labels = prepare.restore_original_grid(labels, record)
-    name = layouts._strip_suffix(os.path.basename(path)) + '.nii.gz'
+    name = layouts.strip_suffix(os.path.basename(path)) + '.nii.gz'
     target = os.path.join(output_dir, name)
     nifti.save_like(labels, nifti.read_volume(path, 'image'), target)
     written.append(target)

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import medjax
 from medjax import checkpoint, config as config_lib, losses, metrics as metrics_lib, optim, tasks
 from medjax.data import ClassificationData, load_data, pipeline
-from medjax.models import build_model
+from medjax.models import build_model, summary as model_summary_lib
 
 
 @flax.struct.dataclass
@@ -136,6 +136,20 @@ class Experiment:
     key = jax.random.PRNGKey(self.config.seed)
     return jax.jit(self._init_impl, out_shardings=self.replicated)(key)
 
+  def variables(self, state: TrainState) -> Dict[str, Any]:
+    """The model's variables (params, batch statistics) in a state, for ``model.apply``."""
+    variables = {'params': state.params}
+    if jax.tree.leaves(state.batch_stats):
+      variables['batch_stats'] = state.batch_stats
+    return variables
+
+  def model_summary(self, state: TrainState) -> Dict[str, Any]:
+    """Parameters, FLOPs per example and the layer table (:mod:`medjax.models.summary`)."""
+    summary = model_summary_lib.model_summary(self.model, self.variables(state),
+                                              self.input_shape)
+    summary['name'] = self.config.model.name
+    return summary
+
   def abstract_state(self) -> TrainState:
     shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
     return jax.tree.map(
@@ -157,10 +171,8 @@ class Experiment:
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
     def loss_fn(params):
-      variables = {'params': params}
-      has_bn = bool(jax.tree.leaves(state.batch_stats))
-      if has_bn:
-        variables['batch_stats'] = state.batch_stats
+      variables = self.variables(state.replace(params=params))
+      has_bn = 'batch_stats' in variables
       logits, updates = self.model.apply(
           variables, images, train=True, rngs={'dropout': dropout_key},
           mutable=['batch_stats'] if has_bn else [])
@@ -175,10 +187,7 @@ class Experiment:
     return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
   def _eval_step_impl(self, state: TrainState, images, labels):
-    variables = {'params': state.params}
-    if jax.tree.leaves(state.batch_stats):
-      variables['batch_stats'] = state.batch_stats
-    logits = self.model.apply(variables, images, train=False)
+    logits = self.model.apply(self.variables(state), images, train=False)
     per_example, weights = self._loss(logits, labels)
     return tasks.scores_from_logits(self.task, logits), per_example * weights
 
@@ -352,9 +361,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     print(f'Resuming from checkpoint at step {start_step} in {workdir}')
   log = MetricsLog(workdir, start_step)
   if start_step == 0:
-    print(f'{exp.describe()}\nmodel {config.model.name}: '
-          f'{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, task '
-          f'{exp.task}, {jax.device_count()} device(s), {exp.steps_per_epoch} steps/epoch')
+    summary = exp.model_summary(state)
+    if _is_main():
+      _write_json(os.path.join(workdir, 'model_summary.json'), summary)
+      with open(os.path.join(workdir, 'model_summary.txt'), 'w') as f:
+        f.write(model_summary_lib.format_summary(summary, max_depth=99) + '\n')
+    print(f'{exp.describe()}\n{model_summary_lib.format_summary(summary)}\ntask {exp.task}, '
+          f'{jax.device_count()} device(s), {exp.steps_per_epoch} steps/epoch')
 
   stop = {'requested': False}
   previous_handler = None
@@ -437,7 +450,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                          'resumed_from_step': start_step, 'devices': jax.device_count(),
                          'platform': jax.devices()[0].platform}
   _write_json(os.path.join(workdir, 'results.json'), results)
+  write_plots(workdir)
   return results
+
+
+def write_plots(workdir: str, splits=('val', 'test')) -> None:
+  """The workdir's figures (:func:`medjax.plots.write_run_plots`); a plotting failure is
+  reported but never costs the run's results, which are written before."""
+  if not _is_main():
+    return
+  from medjax import plots
+  try:
+    written = plots.write_run_plots(workdir, splits)
+  except Exception as e:  # noqa: BLE001
+    print(f'warning: could not draw the plots of {workdir}: {type(e).__name__}: {e}')
+    return
+  if written:
+    print(f"plots: {', '.join(sorted(written))} in {os.path.join(workdir, 'plots')}")
 
 
 def _selected_step(manager, workdir: str, step: Optional[int] = None) -> int:
@@ -476,23 +505,32 @@ def finalize(exp: Experiment, manager, workdir: str,
   return results
 
 
-def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = None,
-                     write: bool = True) -> Dict[str, Any]:
-  """Reloads the config and the selected (or given) checkpoint of ``workdir`` and scores
-  ``split``; the numbers equal those in ``results.json`` for the same checkpoint."""
+def restore_workdir(workdir: str, step: Optional[int] = None):
+  """(experiment, state, step) of the selected (best) or given checkpoint of ``workdir``,
+  built from the workdir's own config.json."""
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{workdir} has no config.json; is it a medjax workdir?')
   config = config_lib.from_json_file(config_path)
   exp = make_experiment(config)
-  if split not in exp.available_splits:
-    raise ValueError(f"unknown split '{split}'; expected one of {sorted(exp.available_splits)}")
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
                                     config.train.selection_metric, config.train.selection_mode)
   selected = _selected_step(manager, workdir, step)
   state, _ = checkpoint.restore(manager, selected, exp.abstract_state())
+  return exp, state, int(selected)
+
+
+def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = None,
+                     write: bool = True) -> Dict[str, Any]:
+  """Reloads the config and the selected (or given) checkpoint of ``workdir`` and scores
+  ``split``; the numbers equal those in ``results.json`` for the same checkpoint."""
+  exp, state, selected = restore_workdir(workdir, step)
+  if split not in exp.available_splits:
+    raise ValueError(f"unknown split '{split}'; expected one of {sorted(exp.available_splits)}")
   split_metrics, predictions = exp.evaluate(state, split)
-  result = {'split': split, 'step': int(selected), 'metrics': split_metrics}
+  result = {'split': split, 'step': selected, 'metrics': split_metrics}
   if write:
     _write_json(os.path.join(workdir, f'eval_{split}.json'), result)
+    exp.save_predictions(workdir, split, predictions)
+    write_plots(workdir, (split,))
   return result

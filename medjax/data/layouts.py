@@ -43,11 +43,26 @@ class DatasetInfo:
   modality: str = 'unknown'
 
 
-def _strip_suffix(name: str) -> str:
+def strip_suffix(name: str) -> str:
   for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES:
     if name.lower().endswith(suffix):
       return name[:-len(suffix)]
   return name
+
+
+def list_files(path: str, suffixes: Sequence[str]) -> List[str]:
+  """``path`` itself if it is a file, else the files in folder ``path`` (sorted, no hidden
+  files) whose names end with one of ``suffixes``; an error if there are none."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such file or folder')
+  if os.path.isdir(path):
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path))
+             if f.lower().endswith(tuple(suffixes)) and not f.startswith('.')]
+  else:
+    files = [path]
+  if not files:
+    raise ValueError(f"{path}: no files ending in {', '.join(suffixes)}")
+  return files
 
 
 def _is_data_file(name: str) -> bool:
@@ -67,7 +82,7 @@ def _msd(root: str) -> DatasetInfo:
   for entry in meta['training']:
     image = os.path.normpath(os.path.join(root, entry['image']))
     label = os.path.normpath(os.path.join(root, entry['label'])) if entry.get('label') else None
-    cases.append(Case(_strip_suffix(os.path.basename(image)), image, label))
+    cases.append(Case(strip_suffix(os.path.basename(image)), image, label))
   labels = meta.get('labels', {})
   class_names = [labels[k] for k in sorted(labels, key=int)] if labels else None
   modality = ','.join(str(v) for _, v in sorted(meta.get('modality', {}).items())) or 'unknown'
@@ -81,9 +96,9 @@ def _folder(root: str) -> Optional[DatasetInfo]:
       labels = os.path.join(base, label_dir)
       if not (os.path.isdir(images) and os.path.isdir(labels)):
         continue
-      label_files = {_strip_suffix(f): os.path.join(labels, f)
+      label_files = {strip_suffix(f): os.path.join(labels, f)
                      for f in os.listdir(labels) if _is_data_file(f)}
-      cases = [Case(_strip_suffix(f), os.path.join(images, f), label_files.get(_strip_suffix(f)))
+      cases = [Case(strip_suffix(f), os.path.join(images, f), label_files.get(strip_suffix(f)))
                for f in sorted(os.listdir(images)) if _is_data_file(f)]
       dims = 3 if cases and cases[0].image.lower().endswith(NIFTI_SUFFIXES) else 2
       return DatasetInfo(root, 'folder', dims, cases, None)

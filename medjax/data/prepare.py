@@ -142,7 +142,7 @@ def prepare_image(path: str, options: PrepareOptions, target_spacing) -> Tuple[n
   """
   dims = 3 if path.lower().endswith(layouts.NIFTI_SUFFIXES) else 2
   info = layouts.DatasetInfo(os.path.dirname(path), 'single', dims, [], None)
-  case = layouts.Case(layouts._strip_suffix(os.path.basename(path)), path, None)
+  case = layouts.Case(layouts.strip_suffix(os.path.basename(path)), path, None)
   image, _, record = _crop_and_normalise(*_load_pair(info, case, target_spacing, None), options)
   record['image'] = path
   return image, record

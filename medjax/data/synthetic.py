@@ -76,8 +76,10 @@ def _lesion_mask(rng: np.random.Generator, size: int, malignant: bool) -> np.nda
   return 1.0 / (1.0 + np.exp((dist - radius * boundary) / edge_width))
 
 
-def _image(rng: np.random.Generator, size: int, label3: int) -> np.ndarray:
+def _image(rng: np.random.Generator, size: int, label3: int) -> tuple[np.ndarray, np.ndarray]:
+  """A uint8 image ``[S, S]`` and its lesion mask ``[S, S]`` (bool; empty for normal)."""
   image = _tissue(rng, size)
+  mask = np.zeros((size, size))
   if label3 == 0 and rng.random() < 0.5:
     # Duct: a thin bright curve, a distractor for a model that just looks for brightness.
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -94,21 +96,26 @@ def _image(rng: np.random.Generator, size: int, label3: int) -> np.ndarray:
         rng, size, 0.3))
   speckle = 1.0 + 0.08 * rng.standard_normal((size, size))
   image = image * speckle + 0.02 * rng.standard_normal((size, size))
-  return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+  return np.clip(np.round(image * 255), 0, 255).astype(np.uint8), mask > 0.5
 
 
 def generate_split(seed: int, split: str, num_examples: int, image_size: int = 32,
-                   num_classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
-  """Images uint8 ``[N, S, S, 1]`` and int32 labels ``[N]`` of one split."""
+                   num_classes: int = 3, with_masks: bool = False):
+  """Images uint8 ``[N, S, S, 1]`` and int32 labels ``[N]`` of one split; with
+  ``with_masks`` also the lesion masks bool ``[N, S, S]`` (where the label comes from:
+  empty for normal tissue), for testing what explanations point at."""
   if num_classes not in (2, 3):
     raise ValueError(f'synthetic data supports num_classes 2 or 3, got {num_classes}')
   if image_size < 16:
     raise ValueError(f'synthetic image_size must be at least 16, got {image_size}')
   rng = np.random.default_rng([seed, _SPLIT_IDS[split]])
   labels3 = rng.choice(3, size=num_examples, p=CLASS_PROBS)
-  images = np.stack([_image(rng, image_size, int(k)) for k in labels3])[..., None]
-  labels = labels3 if num_classes == 3 else (labels3 == 2)
-  return images, labels.astype(np.int32)
+  pairs = [_image(rng, image_size, int(k)) for k in labels3]
+  images = np.stack([image for image, _ in pairs])[..., None]
+  labels = (labels3 if num_classes == 3 else (labels3 == 2)).astype(np.int32)
+  if with_masks:
+    return images, labels, np.stack([mask for _, mask in pairs])
+  return images, labels
 
 
 def load(seed: int = 1234, image_size: int = 32, num_train: int = 2000, num_val: int = 400,
