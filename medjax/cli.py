@@ -6,6 +6,9 @@
   medjax data check ../shared/data/msd_hippocampus [--json fingerprint.json]
   medjax predict --workdir DIR --input FILE_OR_FOLDER --output DIR
   medjax score --pred PRED_DIR --ref LABEL_DIR --out DIR
+  medjax explain --workdir DIR --input FILE_OR_FOLDER --output DIR [--layer NAME] [--class C]
+  medjax report --workdir DIR            (one HTML page; DIR may hold several seeds/folds)
+  medjax compare DIR1 DIR2 ... [--output comparison.md]
 
 Running ``train`` again on the same workdir resumes from its latest checkpoint.
 """
@@ -81,6 +84,35 @@ def _parser() -> argparse.ArgumentParser:
                      help='classes including background (default: from the data)')
   score.add_argument('--label_values', default='',
                      help='stored value of each class in the references, e.g. 255,0')
+  explain = sub.add_parser('explain', help='Grad-CAM, saliency and integrated gradients of '
+                           'a trained model on image files (PNG overlays and arrays)')
+  explain.add_argument('--workdir', required=True)
+  explain.add_argument('--input', default=None,
+                       help='an image (PNG/JPEG/TIFF/.npy/NIfTI) or a folder of them')
+  explain.add_argument('--output', default=None, help='folder for the overlays and arrays')
+  explain.add_argument('--layer', default=None,
+                       help='module whose activations Grad-CAM uses (default: the last '
+                       'feature map; the bottleneck for segmenters); see --list_layers')
+  explain.add_argument('--class', dest='target_class', default=None,
+                       help='class to explain, by name or index (default: the predicted one; '
+                       'for segmenters every foreground class)')
+  explain.add_argument('--methods', default=','.join(('gradcam', 'saliency',
+                                                      'integrated_gradients')),
+                       help='comma-separated subset of gradcam,saliency,integrated_gradients '
+                       '(classifiers)')
+  explain.add_argument('--ig_steps', type=int, default=32, help='integrated-gradients steps')
+  explain.add_argument('--step', type=int, default=None)
+  explain.add_argument('--list_layers', action='store_true',
+                       help='print the model\'s layers (names usable as --layer) and exit')
+  report = sub.add_parser('report', help='one HTML page for a run, or for a folder of runs '
+                          '(seeds/folds: mean and sd)')
+  report.add_argument('--workdir', required=True)
+  report.add_argument('--output', default=None, help='default: <workdir>/report.html')
+  compare = sub.add_parser('compare', help='a table of several runs (printed, and written '
+                           'as Markdown and CSV)')
+  compare.add_argument('workdirs', nargs='+')
+  compare.add_argument('--output', default='comparison.md',
+                       help='Markdown file; a .csv with the same name is written beside it')
   return parser
 
 
@@ -95,6 +127,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _score(args)
   if args.command == 'predict':
     return _predict(args)
+  if args.command == 'explain':
+    return _explain(args)
+  if args.command in ('report', 'compare'):
+    return _report(args)
 
   from medjax import config as config_lib  # after parsing: --help stays fast
   try:
@@ -150,6 +186,44 @@ def _predict(args) -> int:
     print(f'medjax: error: {e}', file=sys.stderr)
     return 1
   print(f'wrote {len(written)} label map(s) to {args.output}')
+  return 0
+
+
+def _explain(args) -> int:
+  from medjax import explain
+  from medjax.data.nifti import VolumeError
+  try:
+    if args.list_layers:
+      from medjax.train import restore_workdir
+      exp, state, _ = restore_workdir(args.workdir, args.step)
+      for layer in explain.trace_layers(exp.model, exp.variables(state), exp.input_shape):
+        if layer.name:
+          print(f"{layer.name:<40} {layer.kind:<16} {'x'.join(map(str, layer.output_shape[1:]))}")
+      return 0
+    if not (args.input and args.output):
+      raise ValueError('explain needs --input and --output (or --list_layers)')
+    methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+    records = explain.explain_files(args.workdir, args.input, args.output, args.step,
+                                    args.layer, args.target_class, methods, args.ig_steps)
+  except (FileNotFoundError, ValueError, VolumeError) as e:
+    print(f'medjax: error: {e}', file=sys.stderr)
+    return 1
+  print(f'explained {len(records)} input(s); overlays and arrays in {args.output}')
+  return 0
+
+
+def _report(args) -> int:
+  from medjax import report
+  try:
+    if args.command == 'report':
+      path = report.write_report(args.workdir, args.output)
+      print(f'wrote {path}')
+    else:
+      table = report.compare(args.workdirs, args.output)
+      print(table)
+  except (FileNotFoundError, ValueError) as e:
+    print(f'medjax: error: {e}', file=sys.stderr)
+    return 1
   return 0
 
 

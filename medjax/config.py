@@ -202,10 +202,20 @@ def resolve(config: Any) -> ml_collections.ConfigDict:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``path/to/config.py[:arg]`` and returns its resolved config."""
+  """Loads ``path/to/config.py[:arg]``, or a run's saved ``config.json`` (to repeat that run
+exactly), and returns its resolved config."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'config file not found: {path}')
+  if path.endswith('.json'):
+    if arg:
+      raise ConfigError(f'{path}: a saved JSON config takes no argument (got :{arg})')
+    try:
+      return from_json_file(path)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f'{path}: not valid JSON ({e})') from None
+    except ConfigError as e:
+      raise ConfigError(f'{path}: {e}') from None
   module_spec = importlib.util.spec_from_file_location('_medjax_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -101,7 +101,7 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str],
                      title: str = 'confusion matrix'):
   """Counts in each cell; colour = fraction of the true class (row-normalised)."""
   confusion = np.asarray(confusion)
-  fig = _figure(1.6 + 0.9 * len(class_names), 1.2 + 0.8 * len(class_names))
+  fig = _figure(2.4 + 0.9 * len(class_names), 1.4 + 0.8 * len(class_names))
   ax = fig.subplots()
   rows = confusion.sum(axis=1, keepdims=True)
   fraction = confusion / np.where(rows > 0, rows, 1)
@@ -113,8 +113,10 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str],
   ticks = range(len(class_names))
   ax.set_xticks(ticks, class_names, rotation=30, ha='right')
   ax.set_yticks(ticks, class_names)
-  ax.set(xlabel='predicted', ylabel='true', title=title)
-  fig.colorbar(image, ax=ax, fraction=0.046, label='fraction of true class')
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true', labelpad=2)
+  ax.set_title(title)
+  fig.colorbar(image, ax=ax, shrink=0.8, label='fraction of the row')
   return fig
 
 
@@ -131,9 +133,8 @@ def reliability_figure(task: str, labels: np.ndarray, scores: np.ndarray, num_bi
   filled = bins['count'] > 0
   ax.bar(edges[filled], bins['accuracy'][filled], width=width, align='edge', color='C0',
          edgecolor='black', lw=0.5, label='accuracy')
-  ax.bar(edges[filled], (bins['confidence'] - bins['accuracy'])[filled], width=width,
-         bottom=bins['accuracy'][filled], align='edge', color='C3', alpha=0.35,
-         label='gap to confidence')
+  ax.bar(edges[filled], bins['confidence'][filled], width=width, align='edge', fill=False,
+         edgecolor='C3', lw=1.2, label='mean confidence')
   ax.plot([0, 1], [0, 1], color='grey', ls=':', lw=1)
   ax.set(ylabel='accuracy', xlim=(0, 1), ylim=(0, 1), title=f'{title} (ECE {ece:.3f})')
   ax.legend(loc='upper left', fontsize=8)
@@ -267,16 +268,17 @@ def add_to_tensorboard(workdir: str, images: Dict[str, str], step: int) -> None:
     writer.close()
 
 
+def radiological_axial(ras: np.ndarray) -> np.ndarray:
+  """Axial slices ``[S, rows, cols]`` of a RAS-ordered volume ``[R, A, S, ...]`` as a
+  radiologist reads them: anterior at the top, the patient's right on the left of the
+  image (RAS ``x`` grows towards the patient's right)."""
+  return np.moveaxis(ras, (2, 1, 0), (0, 1, 2))[:, ::-1, ::-1]
+
+
 def axial_view(array: np.ndarray, volume) -> np.ndarray:
-  """A volume on the file's own grid ``[X, Y, Z]`` reoriented to RAS, as displayed:
-  axial slices ``[Z, rows=A->P, cols]`` in radiological convention (patient's right on the
-  left of the image, anterior at the top)."""
+  """A volume on its file's own grid, as :func:`radiological_axial` slices."""
   from nibabel import orientations
-  ras = orientations.apply_orientation(array, volume_to_ras(volume))
-  # [R, A, S] -> [S, A, R]; rows from anterior (top) to posterior; columns from the
-  # patient's right (left of the screen) to left.
-  view = np.transpose(ras, (2, 1, 0))[:, ::-1, :]
-  return view
+  return radiological_axial(orientations.apply_orientation(array, volume_to_ras(volume)))
 
 
 def volume_to_ras(volume) -> np.ndarray:
@@ -321,7 +323,7 @@ def segmentation_case_plots(workdir: str, config: Dict, results: Dict,
                                                                prediction))
       k = int(np.argmax((ref_v > 0).sum(axis=(1, 2))))
       image2d, ref2d, pred2d = image_v[k], ref_v[k], pred_v[k]
-      where = f'axial slice {k} (RAS), radiological view'
+      where = f'axial slice {k}, radiological view (patient right on the left)'
     else:
       image2d = layouts.read_image_2d(case.image, 'image')[..., 0]
       ref2d = layouts.read_image_2d(case.label, 'label', label_values)

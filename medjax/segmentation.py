@@ -251,9 +251,19 @@ class SegmentationExperiment(Experiment):
         np.save(os.path.join(out, f'{case_id}.npy'), labels)
 
   def write_run_files(self, workdir: str) -> None:
-    """``split.json``: the k-fold split's train and val case ids."""
+    """``split.json`` (the k-fold split's train and val case ids) and
+    ``data_fingerprint.json`` (the dataset's fingerprint and the preparation options)."""
     with open(os.path.join(workdir, 'split.json'), 'w') as f:
       json.dump(self.data.splits, f, indent=2)
+    prepared = self.data.prepared
+    fingerprint = {'name': self.data.name, 'root': self.config.data.root,
+                   'class_names': list(self.data.class_names),
+                   'cases': len(prepared.case_ids), 'spatial_dims': prepared.spatial_dims,
+                   'target_spacing_mm': prepared.target_spacing, 'prepare_options':
+                   prepared.options, 'summary': prepared.fingerprint,
+                   'split': {k: len(v) for k, v in self.data.splits.items()}}
+    with open(os.path.join(workdir, 'data_fingerprint.json'), 'w') as f:
+      json.dump(fingerprint, f, indent=2, default=list)
 
 
 def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> Dict:

@@ -116,7 +116,8 @@ class Experiment:
     save_predictions(workdir, split, predictions, self.data.class_names)
 
   def write_run_files(self, workdir: str) -> None:
-    """Files describing the run, written when training starts (none for classification)."""
+    """Files describing the run, written when training starts: the data fingerprint."""
+    _write_json(os.path.join(workdir, 'data_fingerprint.json'), self.data.fingerprint())
 
   def describe(self) -> str:
     return self.data.summary()
@@ -273,6 +274,22 @@ def versions() -> Dict[str, str]:
           'numpy': np.__version__, 'python': platform.python_version()}
 
 
+def run_command() -> Dict[str, Any]:
+  """How this process was started: argv, working directory, host, and medjax's git commit
+  when it runs from a checkout."""
+  import subprocess
+  import sys
+  commit = ''
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                            timeout=5, cwd=os.path.dirname(os.path.abspath(medjax.__file__))
+                            ).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return {'argv': list(sys.argv), 'cwd': os.getcwd(), 'host': platform.node(),
+          'git_commit': commit, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+
+
 class MetricsLog:
   """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only)."""
 
@@ -346,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   exp = make_experiment(config)
   if _is_main():
     exp.write_run_files(workdir)
+    _write_json(os.path.join(workdir, 'command.json'), run_command())
   tcfg = config.train
   manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints, tcfg.selection_metric,
                                     tcfg.selection_mode)

@@ -44,6 +44,25 @@ class ClassificationData:
     return (f'{self.name}: {self.task}, {self.num_classes} classes, image shape '
             f'{self.image_shape}, {counts}')
 
+  def fingerprint(self) -> dict:
+    """What identifies the data a run saw: shapes, class counts and SHA-256 of each split's
+    images and labels (the same hashes mean byte-identical data)."""
+    import hashlib
+    out = {'name': self.name, 'task': self.task, 'class_names': list(self.class_names),
+           'image_shape': list(self.image_shape), 'pixel_max': self.pixel_max, 'splits': {}}
+    for split, (images, labels) in self.splits.items():
+      labels = np.asarray(labels)
+      entry = {'examples': int(len(labels)),
+               'images_sha256': hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+               'labels_sha256': hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()}
+      if labels.ndim == 1 or labels.shape[1:] == (1,):
+        values = labels.reshape(-1).astype(np.int64)
+        entry['class_counts'] = np.bincount(values, minlength=self.num_classes).tolist()
+      else:
+        entry['label_counts'] = labels.sum(axis=0).astype(int).tolist()
+      out['splits'][split] = entry
+    return out
+
   def validate(self, source: str) -> None:
     """Raises ValueError naming ``source`` for empty splits, bad labels or non-finite pixels."""
     for split in SPLITS:
