@@ -209,9 +209,13 @@ def randomized_variables(model: nn.Module, variables, input_shape: Sequence[int]
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman rank correlation of two maps (how alike two explanations are)."""
+  """Spearman rank correlation of two maps (how alike two explanations are); 0 when either
+  map is constant (an all-zero Grad-CAM shares no structure with anything)."""
   from scipy.stats import spearmanr
-  return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
+  a, b = np.ravel(a), np.ravel(b)
+  if np.ptp(a) == 0 or np.ptp(b) == 0:
+    return 0.0
+  return float(spearmanr(a, b).statistic)
 
 
 # ----- explaining a trained workdir on files -----------------------------------------------

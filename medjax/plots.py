@@ -27,6 +27,11 @@ def _figure(width: float, height: float):
   return Figure(figsize=(width, height), dpi=_DPI, layout='constrained')
 
 
+def _suptitle(fig, title: str, width_inches: float) -> None:
+  import textwrap
+  fig.suptitle(textwrap.fill(title, max(30, int(width_inches * 13))), fontsize=10)
+
+
 def save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=_DPI)
@@ -175,7 +180,7 @@ def segmentation_overlay_figure(image2d: np.ndarray, reference2d: np.ndarray,
   handles = [Line2D([], [], color=_CLASS_COLOURS[k % 8], label=class_names[k])
              for k in range(1, len(class_names))]
   fig.legend(handles=handles, loc='outside lower center', ncols=len(handles), fontsize=8)
-  fig.suptitle(title, fontsize=10)
+  _suptitle(fig, title, 7.5)
   return fig
 
 
@@ -183,7 +188,8 @@ def explanation_figure(image2d: np.ndarray, maps: Dict[str, np.ndarray], title: 
                        contour: Optional[np.ndarray] = None):
   """The image and each map (in [0, 1]) overlaid on it, side by side; ``contour`` (a
   boolean ``[H, W]``, e.g. a lesion or predicted region) is outlined on every panel."""
-  fig = _figure(2.3 * (1 + len(maps)), 2.7)
+  width = 2.3 * (1 + len(maps))
+  fig = _figure(width, 2.9)
   axes = np.atleast_1d(fig.subplots(1, 1 + len(maps)))
   _show_image(axes[0], image2d, 'image')
   for ax, (name, heat) in zip(axes[1:], maps.items()):
@@ -194,7 +200,7 @@ def explanation_figure(image2d: np.ndarray, maps: Dict[str, np.ndarray], title: 
       ax.contour(contour, levels=[0.5], colors=['white'], linewidths=1.0)
   if maps:
     fig.colorbar(shown, ax=list(axes), fraction=0.02, label='relevance (per-image max = 1)')
-  fig.suptitle(title, fontsize=10)
+  _suptitle(fig, title, width)
   return fig
 
 
