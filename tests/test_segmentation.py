@@ -183,6 +183,22 @@ def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):
     denominator = np.sum(p == 1) + np.sum(r == 1)
     independent = 2 * np.sum((p == 1) & (r == 1)) / denominator
     assert ours == pytest.approx(independent)
+  # Figures of the best and worst validation cases.
+  assert sorted(os.listdir(os.path.join(workdir, 'plots'))) == [
+      'learning_curves.png', 'overlay_val_best.png', 'overlay_val_worst.png']
+  # Grad-CAM of each predicted region, on each input's own (non-RAS, anisotropic) grid.
+  case_id = split['val'][0]
+  from medjax import cli
+  assert cli.main(['explain', '--workdir', workdir, '--input', str(images / f'{case_id}.nii.gz'),
+                   '--output', str(tmp_path / 'explain')]) == 0
+  source = nib.load(images / f'{case_id}.nii.gz')
+  for name in ('head', 'tail'):
+    cam = nib.load(tmp_path / 'explain' / f'{case_id}_gradcam_{name}.nii.gz')
+    assert cam.shape == source.shape
+    np.testing.assert_allclose(cam.affine, source.affine, atol=1e-5)
+    values = np.asarray(cam.dataobj)
+    assert values.min() >= 0 and values.max() <= 1 + 1e-6
+  assert (tmp_path / 'explain' / f'{case_id}.png').exists()
 
 
 def test_isbi_2d_config_runs_with_membrane_as_class_1(tmp_path):
