@@ -10,16 +10,20 @@ import flax.linen as nn
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(name: str) -> Callable:
+def register_model(name: str, replace: bool = False) -> Callable:
   """Registers a linen module class (or a factory returning one) under ``name``.
+
+  A second registration of a name is an error unless ``replace=True`` (for a notebook
+  cell that redefines a model and is run again).
 
   The module is built as ``factory(num_outputs=..., **config.model)``; it is called as
   ``module.apply(variables, images, train=bool)`` on images ``[B, *spatial, C]`` and
   returns logits ``[B, num_outputs]``.
   """
   def decorator(factory):
-    if name in _MODELS:
-      raise ValueError(f"model '{name}' is already registered")
+    if name in _MODELS and not replace:
+      raise ValueError(f"model '{name}' is already registered (register_model(name, "
+                       "replace=True) redefines it)")
     _MODELS[name] = factory
     return factory
   return decorator
