@@ -123,14 +123,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
   if args.command == 'data':
     return _data_check(args)
-  if args.command == 'score':
-    return _score(args)
-  if args.command == 'predict':
-    return _predict(args)
-  if args.command == 'explain':
-    return _explain(args)
-  if args.command in ('report', 'compare'):
-    return _report(args)
+  commands = {'score': _score, 'predict': _predict, 'explain': _explain, 'report': _report,
+              'compare': _report}
+  if args.command in commands:
+    return _user_errors(lambda: commands[args.command](args))
 
   from medjax import config as config_lib  # after parsing: --help stays fast
   try:
@@ -177,65 +173,55 @@ def _data_check(args) -> int:
   return 1 if report['problems'] else 0
 
 
-def _predict(args) -> int:
-  from medjax import segmentation
+def _user_errors(command):
+  """Runs ``command() -> int``; bad input (missing files, bad values, unreadable volumes)
+  becomes a one-line error and exit status 1 instead of a traceback."""
   from medjax.data.nifti import VolumeError
   try:
-    written = segmentation.predict_files(args.workdir, args.input, args.output, args.step)
+    return command()
   except (FileNotFoundError, ValueError, VolumeError) as e:
     print(f'medjax: error: {e}', file=sys.stderr)
     return 1
+
+
+def _predict(args) -> int:
+  from medjax import segmentation
+  written = segmentation.predict_files(args.workdir, args.input, args.output, args.step)
   print(f'wrote {len(written)} label map(s) to {args.output}')
   return 0
 
 
 def _explain(args) -> int:
   from medjax import explain
-  from medjax.data.nifti import VolumeError
-  try:
-    if args.list_layers:
-      from medjax.train import restore_workdir
-      exp, state, _ = restore_workdir(args.workdir, args.step)
-      for layer in explain.trace_layers(exp.model, exp.variables(state), exp.input_shape):
-        if layer.name:
-          print(f"{layer.name:<40} {layer.kind:<16} {'x'.join(map(str, layer.output_shape[1:]))}")
-      return 0
-    if not (args.input and args.output):
-      raise ValueError('explain needs --input and --output (or --list_layers)')
-    methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-    records = explain.explain_files(args.workdir, args.input, args.output, args.step,
-                                    args.layer, args.target_class, methods, args.ig_steps)
-  except (FileNotFoundError, ValueError, VolumeError) as e:
-    print(f'medjax: error: {e}', file=sys.stderr)
-    return 1
+  if args.list_layers:
+    from medjax.train import restore_workdir
+    exp, state, _ = restore_workdir(args.workdir, args.step)
+    for layer in explain.trace_layers(exp.model, exp.variables(state), exp.input_shape):
+      if layer.name:
+        print(f"{layer.name:<40} {layer.kind:<16} {'x'.join(map(str, layer.output_shape[1:]))}")
+    return 0
+  if not (args.input and args.output):
+    raise ValueError('explain needs --input and --output (or --list_layers)')
+  methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+  records = explain.explain_files(args.workdir, args.input, args.output, args.step,
+                                  args.layer, args.target_class, methods, args.ig_steps)
   print(f'explained {len(records)} input(s); overlays and arrays in {args.output}')
   return 0
 
 
 def _report(args) -> int:
   from medjax import report
-  try:
-    if args.command == 'report':
-      path = report.write_report(args.workdir, args.output)
-      print(f'wrote {path}')
-    else:
-      table = report.compare(args.workdirs, args.output)
-      print(table)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'medjax: error: {e}', file=sys.stderr)
-    return 1
+  if args.command == 'report':
+    print(f'wrote {report.write_report(args.workdir, args.output)}')
+  else:
+    print(report.compare(args.workdirs, args.output))
   return 0
 
 
 def _score(args) -> int:
   from medjax import scoring
-  from medjax.data.nifti import VolumeError
-  try:
-    values = tuple(int(v) for v in args.label_values.split(',')) if args.label_values else ()
-    summary = scoring.score_folders(args.pred, args.ref, args.out, args.num_classes, values)
-  except (ValueError, VolumeError) as e:
-    print(f'medjax: error: {e}', file=sys.stderr)
-    return 1
+  values = tuple(int(v) for v in args.label_values.split(',')) if args.label_values else ()
+  summary = scoring.score_folders(args.pred, args.ref, args.out, args.num_classes, values)
   print(f"{summary['cases']} cases")
   for cls, entry in summary['classes'].items():
     print(f'class {cls}: ' + ', '.join(f"{m} {v['mean']:.4f} ± {v['sd']:.4f}"
