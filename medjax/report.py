@@ -108,11 +108,11 @@ def run_row(run: Dict, base: str = '') -> Dict[str, object]:
       'status': 'done' if run['results'] else 'unfinished',
       'selected_step': results.get('selected_step', ''),
       'parameters': summary.get('parameters', ''),
-      'gflops': (round(summary['flops_per_example'] / 1e9, 4)
+      'gflops': (f"{summary['flops_per_example'] / 1e9:.3g}"
                  if isinstance(summary.get('flops_per_example'), (int, float))
                  and math.isfinite(summary['flops_per_example']) else ''),
-      'wall_time_s': round(results.get('run_info', {}).get('wall_time_s', float('nan')), 1)
-      if results else ''}
+      'wall_time_s': f"{results['run_info']['wall_time_s']:.0f}"
+      if 'run_info' in results else ''}
   row.update(headline_metrics(run['results']))
   return row
 
@@ -164,8 +164,15 @@ def compare(workdirs: Sequence[str], output: Optional[str] = 'comparison.md') ->
           'gflops', 'wall_time_s']
   if not any(r['fold'] != '' for r in rows):
     info.remove('fold')
-  columns = info + _metric_keys(rows)
-  table = markdown_table(rows, columns)
+  metric_keys = _metric_keys(rows)
+  # Printed: the validation selection metric and the test metrics (val ones for
+  # segmentation, which has no test split); the CSV holds every column.
+  selection = {f"val/{r['config']['train']['selection_metric']}" for r in runs}
+  tested = [k for k in metric_keys if k.startswith('test/')]
+  shown = [k for k in metric_keys if k in selection] + (tested or [
+      k for k in metric_keys if k not in selection])
+  table = markdown_table(rows, info + shown)
+  columns = info + metric_keys
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, 'w') as f:
