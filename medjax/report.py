@@ -251,9 +251,34 @@ def _fingerprint_html(fingerprint: Optional[Dict]) -> str:
           + _html_table(rows, ['property', 'value']))
 
 
+def _segmentation_table(results: Dict) -> str:
+  """Per split: one row per foreground class (Dice, IoU, ..., distances in mm)."""
+  parts = []
+  names = results.get('class_names', [])[1:]
+  for split in ('val', 'test'):
+    metrics = results.get(split)
+    if not isinstance(metrics, dict):
+      continue
+    rows = []
+    for name in names:
+      row = {'class': name}
+      for metric, label in (('dice', 'Dice'), ('iou', 'IoU'), ('sensitivity', 'sensitivity'),
+                            ('precision', 'precision'), ('hd95', 'HD95 (mm)'),
+                            ('assd', 'ASSD (mm)'), ('hd95_failures', 'HD95 undefined')):
+        if f'{metric}_{name}' in metrics:
+          row[label] = metrics[f'{metric}_{name}']
+      rows.append(row)
+    if rows:
+      parts.append(f"<p>{split}: {metrics.get('num_cases', '?')} cases, mean foreground Dice "
+                   f"{_fmt(metrics.get('dice', math.nan))}</p>" + _html_table(rows, list(rows[0])))
+  return ''.join(parts)
+
+
 def _split_tables(results: Optional[Dict]) -> str:
   if not results:
     return '<p class="muted">training has not finished: no results.json</p>'
+  if results.get('task') == 'segmentation':
+    return _segmentation_table(results)
   metrics = headline_metrics(results)
   splits = sorted({k.split('/')[0] for k in metrics}, key=('val', 'test').index)
   names = []

@@ -199,6 +199,11 @@ def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):
     values = np.asarray(cam.dataobj)
     assert values.min() >= 0 and values.max() <= 1 + 1e-6
   assert (tmp_path / 'explain' / f'{case_id}.png').exists()
+  # The report: a row per foreground class, Dice as in results.json.
+  from medjax import report
+  page = open(report.write_report(workdir)).read()
+  assert f"mean foreground Dice {results['val']['dice']:.4f}" in page
+  assert f"<td>head</td><td>{results['val']['dice_head']:.4f}</td>" in page
 
 
 def test_isbi_2d_config_runs_with_membrane_as_class_1(tmp_path):
