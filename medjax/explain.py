@@ -119,12 +119,6 @@ def _final(outputs):
   return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
-def predicted_class(model, variables, images, task: str) -> np.ndarray:
-  """The class each classifier input is assigned (argmax of the class scores) ``[B]``."""
-  logits = _final(model.apply(variables, images, train=False))
-  return np.asarray(jnp.argmax(tasks.scores_from_logits(task, logits), axis=-1), np.int32)
-
-
 # ----- methods -----------------------------------------------------------------------------
 def grad_cam(model: nn.Module, variables, images, target: Callable[[jax.Array], jax.Array],
              layer: str, normalize: bool = True) -> np.ndarray:
