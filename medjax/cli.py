@@ -243,7 +243,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 def _print_metrics(results) -> None:
   """The headline metrics of each scored split, as a table."""
   preferred = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'f1',
-               'dice', 'loss')
+               'ece', 'dice', 'loss')
   splits = [s for s in ('val', 'test') if s in results]
   keys = [k for k in preferred if any(isinstance(results[s].get(k), float) for s in splits)]
   keys += sorted(k for k in results[splits[0]] if k.startswith(('dice_', 'hd95_')))

@@ -218,6 +218,15 @@ def test_isbi_2d_config_runs_with_membrane_as_class_1(tmp_path):
   raw = np.asarray(__import__('PIL.Image', fromlist=['Image']).open(
       exp.data.prepared.records[case_id]['label']))
   np.testing.assert_array_equal(np.asarray(label) == 1, raw == 0)  # membrane (stored 0) = 1
+  # 2D segmenters: Grad-CAM of the predicted membrane on the image's own pixel grid, and the
+  # best/worst overlays from PNG images.
+  from medjax import cli
+  image_path = exp.data.prepared.records[case_id]['image']
+  assert cli.main(['explain', '--workdir', str(tmp_path / 'run'), '--input', image_path,
+                   '--output', str(tmp_path / 'explain')]) == 0
+  cam = np.load(tmp_path / 'explain' / f'{case_id}_gradcam_membrane.npy')
+  assert cam.shape == raw.shape[:2] and 0 <= cam.min() and cam.max() <= 1
+  assert (tmp_path / 'run' / 'plots' / 'overlay_val_worst.png').exists()
 
 
 def test_label_values_map_and_reject_unlisted_values(tmp_path):
