@@ -240,13 +240,13 @@ def write_run_plots(workdir: str, splits: Sequence[str] = ('val', 'test'),
         labels, scores = f['labels'], f['scores']
         names = [str(n) for n in f['class_names']]
       task = results.get('task') or config['task']
-      split_metrics = results.get(split, {})
       written[f'roc_{split}'] = save(roc_figure(task, labels, scores, names,
                                                 f'ROC, {split} split'),
                                      os.path.join(out_dir, f'roc_{split}.png'))
       if task != 'multilabel':
-        cm = split_metrics.get('confusion_matrix') or metrics_lib.confusion_matrix(
-            labels.reshape(-1), np.argmax(scores, 1), scores.shape[1]).tolist()
+        # From the predictions file itself (results.json may describe another checkpoint
+        # when `medjax evaluate --step` wrote it), with the metrics' own decision rule.
+        cm = metrics_lib.classification_metrics(task, labels, scores)['confusion_matrix']
         written[f'confusion_{split}'] = save(
             confusion_figure(np.array(cm), names, f'confusion matrix, {split} split'),
             os.path.join(out_dir, f'confusion_{split}.png'))
@@ -282,15 +282,27 @@ def radiological_axial(ras: np.ndarray) -> np.ndarray:
 
 
 def axial_view(array: np.ndarray, volume) -> np.ndarray:
-  """A volume on its file's own grid, as :func:`radiological_axial` slices."""
-  from nibabel import orientations
-  return radiological_axial(orientations.apply_orientation(array, volume_to_ras(volume)))
+  """An array on ``volume``'s own grid (the image, or a label map overlaying it),
+  reoriented to RAS as the volume is, as :func:`radiological_axial` slices."""
+  import dataclasses
+
+  from medjax.data import nifti
+  return radiological_axial(nifti.to_canonical(dataclasses.replace(volume, array=array)).array)
 
 
-def volume_to_ras(volume) -> np.ndarray:
-  from nibabel import orientations
-  current = orientations.io_orientation(volume.original_affine)
-  return orientations.ornt_transform(current, orientations.axcodes2ornt(('R', 'A', 'S')))
+def volume_overlay_figure(image_path: str, reference_path: str, prediction_path: str,
+                          class_names: Sequence[str], title: str, label_values=()):
+  """:func:`segmentation_overlay_figure` of NIfTI files (image, reference, prediction on
+  one grid) on the axial slice where the reference has the most foreground."""
+  from medjax.data import nifti
+  image = nifti.read_volume(image_path, 'image')
+  reference = nifti.read_volume(reference_path, 'label', label_values=label_values).array
+  prediction = nifti.read_volume(prediction_path, 'label').array
+  image_v, ref_v, pred_v = (axial_view(a, image) for a in (image.array, reference, prediction))
+  z = int(np.argmax((ref_v > 0).sum(axis=(1, 2))))
+  return segmentation_overlay_figure(
+      image_v[z], ref_v[z], pred_v[z], class_names,
+      f'{title}, axial slice {z}, radiological view (patient right on the left)')
 
 
 def segmentation_case_plots(workdir: str, config: Dict, results: Dict,
@@ -300,11 +312,8 @@ def segmentation_case_plots(workdir: str, config: Dict, results: Dict,
   per_case = results.get('val', {}).get('per_case', {})
   if not per_case:
     return {}
-  class_names = [n for n in results.get('class_names') or []]
-  if not class_names:
-    class_names = list(next(iter(per_case.values())).keys())
-    class_names = ['background'] + class_names
-  from medjax.data import layouts, nifti
+  class_names = results['class_names']
+  from medjax.data import layouts
   info = layouts.find_cases(config['data']['root'])
   cases = {c.case_id: c for c in info.cases}
   label_values = tuple(config['data']['label_values'])
@@ -321,22 +330,16 @@ def segmentation_case_plots(workdir: str, config: Dict, results: Dict,
   for which, case_id in (('best', ranked[-1]), ('worst', ranked[0])):
     case = cases[case_id]
     pred_dir = os.path.join(workdir, 'predictions_val')
+    title = f'{which} validation case {case_id}: mean Dice {mean_dice(case_id):.3f}'
     if info.spatial_dims == 3:
-      image = nifti.read_volume(case.image, 'image')
-      reference = nifti.read_volume(case.label, 'label', label_values=label_values).array
-      prediction = nifti.read_volume(os.path.join(pred_dir, f'{case_id}.nii.gz'), 'label').array
-      image_v, ref_v, pred_v = (axial_view(a, image) for a in (image.array, reference,
-                                                               prediction))
-      k = int(np.argmax((ref_v > 0).sum(axis=(1, 2))))
-      image2d, ref2d, pred2d = image_v[k], ref_v[k], pred_v[k]
-      where = f'axial slice {k}, radiological view (patient right on the left)'
+      fig = volume_overlay_figure(case.image, case.label,
+                                  os.path.join(pred_dir, f'{case_id}.nii.gz'), class_names,
+                                  title, label_values)
     else:
       image2d = layouts.read_image_2d(case.image, 'image')[..., 0]
       ref2d = layouts.read_image_2d(case.label, 'label', label_values)
       pred2d = np.load(os.path.join(pred_dir, f'{case_id}.npy'))
-      where = '2D image'
-    fig = segmentation_overlay_figure(
-        image2d, ref2d, pred2d, class_names,
-        f'{which} validation case {case_id}: mean Dice {mean_dice(case_id):.3f}, {where}')
+      fig = segmentation_overlay_figure(image2d, ref2d, pred2d, class_names,
+                                        f'{title}, 2D image')
     written[f'overlay_{which}'] = save(fig, os.path.join(out_dir, f'overlay_val_{which}.png'))
   return written
