@@ -410,7 +410,8 @@ def segmentation_grad_cam(exp, variables, image: np.ndarray, labels: np.ndarray,
   """Grad-CAM ``[*spatial]`` of the region ``labels == target_class`` of a whole prepared
   image ``[*spatial, C]``, computed slice by slice for 2D models (normalised over the
   volume) or on the whole padded volume for 3D models."""
-  stride = int(np.prod(exp.config.model.get('strides', (1, 2, 2, 2, 2))))
+  from medjax.segmentation import total_stride
+  stride = total_stride(exp.config.model)
   if exp.slice_axis is None:
     batch, regions = image[None], (labels == target_class)[None]
   else:
@@ -443,14 +444,16 @@ def _explain_segmentation_file(exp, state, path: str, output_dir: str, layer: st
   names = [str(n) for n in exp.data.class_names]
   stem = layouts.strip_suffix(os.path.basename(path))
   variables = exp.variables(state)
+  # The input file, once: its grid, affine and header for the written maps.
+  source = nifti.read_volume(path, 'image') if prepared.spatial_dims == 3 else None
   maps, written = {}, []
   for k in classes:
     cam = segmentation_grad_cam(exp, variables, image, labels, layer, k)
     maps[k] = cam
-    if prepared.spatial_dims == 3:
+    if source is not None:
       target = os.path.join(output_dir, f'{stem}_gradcam_{names[k]}.nii.gz')
-      nifti.save_like(prepare.restore_original_grid(cam, record),
-                      nifti.read_volume(path, 'image'), target, dtype=np.float32)
+      nifti.save_like(prepare.restore_original_grid(cam, record), source, target,
+                      dtype=np.float32)
     else:
       target = os.path.join(output_dir, f'{stem}_gradcam_{names[k]}.npy')
       np.save(target, prepare.restore_original_grid(cam, record))
@@ -461,9 +464,9 @@ def _explain_segmentation_file(exp, state, path: str, output_dir: str, layer: st
   # predicted foreground is largest.
   foreground = labels > 0
   if prepared.spatial_dims == 3:  # prepared volumes are RAS
-    k = int(np.argmax(foreground.sum(axis=(0, 1)))) if foreground.any() else labels.shape[2] // 2
-    pick = lambda a: plots.radiological_axial(a)[k]  # noqa: E731
-    where = f'axial slice {k} (prepared grid), radiological view'
+    z = int(np.argmax(foreground.sum(axis=(0, 1)))) if foreground.any() else labels.shape[2] // 2
+    pick = lambda a: plots.radiological_axial(a)[z]  # noqa: E731
+    where = f'axial slice {z} (prepared grid), radiological view'
   else:
     pick = lambda a: a  # noqa: E731
     where = '2D image'

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Dict
 
+import math
+
 import numpy as np
 
 
@@ -94,6 +96,16 @@ def _mean(values) -> float:
   values = np.asarray(values, dtype=np.float64)
   defined = values[~np.isnan(values)]
   return float(np.mean(defined)) if defined.size else float('nan')
+
+
+def mean_sd(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1) of the finite values (NaN and inf, e.g.
+  undefined or failed cases, are left out); sd is NaN for fewer than two values."""
+  values = np.asarray(values, np.float64).ravel()
+  finite = values[np.isfinite(values)]
+  if not finite.size:
+    return math.nan, math.nan
+  return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else math.nan
 
 
 def calibration_bins(confidence: np.ndarray, correct: np.ndarray,

@@ -17,7 +17,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
+from medjax.metrics import mean_sd
 
 CLASSIFICATION_METRICS = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity',
                           'f1', 'ece', 'loss')
@@ -117,14 +117,6 @@ def run_row(run: Dict, base: str = '') -> Dict[str, object]:
   return row
 
 
-def mean_sd(values: Sequence[float]):
-  """Mean and sample sd (ddof=1) of the finite values; sd is NaN for fewer than two."""
-  finite = np.array([v for v in values if isinstance(v, (int, float)) and math.isfinite(v)])
-  if not finite.size:
-    return math.nan, math.nan
-  return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else math.nan
-
-
 def _metric_keys(rows: Sequence[Dict]) -> List[str]:
   keys = []
   for row in rows:
@@ -141,7 +133,7 @@ def _fmt(value) -> str:
 
 
 def _summary_row(rows: Sequence[Dict], keys: Sequence[str]) -> Dict[str, str]:
-  out = {'run': f'mean ± sd ({len(rows)} runs)'}
+  out = {}
   for key in keys:
     mean, sd = mean_sd([r.get(key, math.nan) for r in rows])
     out[key] = f'{mean:.4f} ± {sd:.4f}' if math.isfinite(sd) else _fmt(mean)

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from medjax import seg_metrics
+from medjax import metrics, seg_metrics
 from medjax.data import layouts, nifti
-
-METRICS = ('dice', 'iou', 'sensitivity', 'precision', 'hd95', 'assd')
 
 
 def _files(folder: str) -> Dict[str, str]:
@@ -54,19 +51,18 @@ def score_folders(pred_dir: str, ref_dir: str, out_dir: str,
       rows.append({'case': case_id, 'class': cls, **values})
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'scores.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=['case', 'class', *METRICS])
+    writer = csv.DictWriter(f, fieldnames=['case', 'class', *seg_metrics.METRICS])
     writer.writeheader()
     writer.writerows(rows)
   summary: Dict = {'cases': len(refs), 'classes': {}}
   for cls in sorted({r['class'] for r in rows}):
     entry = {}
-    for metric in METRICS:
+    for metric in seg_metrics.METRICS:
       values = np.array([r[metric] for r in rows if r['class'] == cls], np.float64)
-      finite = values[np.isfinite(values)]
+      mean, sd = metrics.mean_sd(values)
       entry[metric] = {
-          'mean': float(finite.mean()) if finite.size else math.nan,
-          'sd': float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
-          'n': int(finite.size), 'undefined': int(np.isnan(values).sum()),
+          'mean': mean, 'sd': sd,
+          'n': int(np.isfinite(values).sum()), 'undefined': int(np.isnan(values).sum()),
           'failures_inf': int(np.isinf(values).sum())}
     summary['classes'][str(cls)] = entry
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:

@@ -52,6 +52,10 @@ def directed_surface_distances(a: np.ndarray, b: np.ndarray,
   return distance_to_b[surface_a]
 
 
+# What binary_metrics returns for every class, in this order.
+METRICS = ('dice', 'iou', 'sensitivity', 'precision', 'hd95', 'assd')
+
+
 def binary_metrics(pred: np.ndarray, ref: np.ndarray,
                    spacing: Sequence[float]) -> Dict[str, float]:
   """Dice, IoU, sensitivity, precision, HD95 and ASSD (mm) of one class."""
@@ -64,7 +68,7 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray,
   inter = int(np.sum(pred & ref))
   nan, inf = float('nan'), float('inf')
   if n_pred == 0 and n_ref == 0:
-    return dict(dice=nan, iou=nan, sensitivity=nan, precision=nan, hd95=nan, assd=nan)
+    return dict.fromkeys(METRICS, nan)
   out = dict(dice=2 * inter / (n_pred + n_ref), iou=inter / (n_pred + n_ref - inter),
              sensitivity=inter / n_ref if n_ref else nan,
              precision=inter / n_pred if n_pred else nan)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import inference, seg_losses, seg_metrics
+from medjax import inference, metrics as metrics_lib, seg_losses, seg_metrics
 from medjax.data import nifti, prepare
 from medjax.data.sampling import SegAugment, SegmentationSampler
 from medjax.train import Experiment
@@ -78,6 +78,11 @@ class SegData:
             f"{options.get('normalization')}")
 
 
+def total_stride(model_cfg) -> int:
+  """How much the U-Net of ``config.model`` downsamples: input sizes must be multiples of it."""
+  return int(np.prod(model_cfg.get('strides', (1, 2, 2, 2, 2))))
+
+
 def auto_patch_size(prepared, slice_axis, model_cfg, cap_3d: int = 128,
                     cap_2d: int = 512) -> Tuple[int, ...]:
   """The median prepared case shape (a slice of it for 2D slices), rounded up to a multiple
@@ -86,7 +91,7 @@ def auto_patch_size(prepared, slice_axis, model_cfg, cap_3d: int = 128,
   median = np.median(shapes, axis=0)
   if slice_axis is not None:
     median = np.delete(median, slice_axis)
-  stride = int(np.prod(model_cfg.get('strides', (1, 2, 2, 2, 2))))
+  stride = total_stride(model_cfg)
   cap = cap_3d if len(median) == 3 else cap_2d
   return tuple(int(min(cap, stride * math.ceil(m / stride))) for m in median)
 
@@ -272,10 +277,9 @@ def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> 
   classes = sorted({k for metrics in per_case.values() for k in metrics})
   dice_means = []
   for k in classes:
-    for metric in ('dice', 'iou', 'sensitivity', 'precision', 'hd95', 'assd'):
+    for metric in seg_metrics.METRICS:
       values = np.array([per_case[c][k][metric] for c in per_case], np.float64)
-      finite = values[np.isfinite(values)]
-      out[f'{metric}_{class_names[k]}'] = float(finite.mean()) if finite.size else math.nan
+      out[f'{metric}_{class_names[k]}'] = metrics_lib.mean_sd(values)[0]
       if metric == 'hd95':  # missed or spurious structures: reported, not averaged away
         out[f'hd95_failures_{class_names[k]}'] = int(np.isinf(values).sum())
       if metric == 'dice':
