@@ -11,9 +11,7 @@ alone. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 
 import jax
@@ -22,6 +20,7 @@ import numpy as np
 from medjax import config as config_lib
 from medjax.data import ClassificationData, pipeline
 from medjax.train import Experiment
+from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
 
 CASES = {
     # name: (model config, image shape, global batch)
@@ -98,18 +97,10 @@ def main() -> None:
   args = parser.parse_args()
   rows = [bench_train_step(c, args.steps) for c in args.cases]
   rows += [bench_pipeline(False), bench_pipeline(True)]
-  print(f"\n{'case':<26}{'batch':>6}{'compile s':>11}{'step ms':>10}{'images/s':>11}")
-  for r in rows:
-    print(f"{r['case']:<26}{r['batch']:>6}{r.get('compile_s', float('nan')):>11.1f}"
-          f"{r.get('step_ms_median', float('nan')):>10.1f}{r['images_per_s']:>11.1f}")
-  report = {'device': str(jax.devices()[0]), 'device_count': jax.device_count(),
-            'cpu_count': os.cpu_count(), 'platform': platform.platform(),
-            'jax': jax.__version__, 'results': rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(report, f, indent=2)
-  print(f'\nwrote {args.out}')
-
+  print_table(rows, [('case', 'case', ''), ('batch', 'batch', 'd'),
+                     ('compile_s', 'compile s', '.1f'), ('step_ms_median', 'step ms', '.1f'),
+                     ('images_per_s', 'images/s', '.1f')])
+  write_results(args.out, rows)
 
 if __name__ == '__main__':
   main()

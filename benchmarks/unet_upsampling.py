@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ import optax
 
 from medjax import inference, seg_losses
 from medjax.models import build_model
+from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = [('unet3d_40x56x40', (40, 56, 40), 2), ('unet2d_256x256', (256, 256), 4)]
@@ -79,17 +79,11 @@ def main():
   args = parser.parse_args()
   rows = [dict(case=name, **bench(patch, batch, up, args.steps))
           for name, patch, batch in CASES for up in ('transpose', 'resize')]
-  print(f"\n{'case':<18}{'upsample':>10}{'batch':>6}{'compile s':>11}{'step s':>9}"
-        f"{'samples/s':>11}{'infer s':>9}")
-  for r in rows:
-    print(f"{r['case']:<18}{r['upsample']:>10}{r['batch']:>6}{r['compile_s']:>11.1f}"
-          f"{r['train_step_s']:>9.2f}{r['train_samples_per_s']:>11.2f}{r['inference_s']:>9.2f}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump({'device': str(jax.devices()[0]), 'cpu_count': os.cpu_count(), 'results': rows},
-              f, indent=2)
-  print(f'wrote {args.out}')
-
+  print_table(rows, [('case', 'case', ''), ('upsample', 'upsample', ''), ('batch', 'batch', 'd'),
+                     ('compile_s', 'compile s', '.1f'), ('train_step_s', 'step s', '.2f'),
+                     ('train_samples_per_s', 'samples/s', '.2f'),
+                     ('inference_s', 'infer s', '.2f')])
+  write_results(args.out, rows)
 
 if __name__ == '__main__':
   main()

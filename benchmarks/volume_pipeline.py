@@ -11,7 +11,6 @@ the table shows whether the input pipeline keeps up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -20,7 +19,8 @@ import jax
 import numpy as np
 
 from medjax.data import prepare, sampling
-from unet_upsampling import make_train_step  # benchmarks/ is on sys.path when run
+from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
+from unet_upsampling import make_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, '..', '..', 'shared', 'data',
@@ -94,18 +94,11 @@ def main() -> None:
       row['train_step_samples_per_s'] = time_train_step(patch, batch)
     rows.append(row)
   print(f'\nprepare (200 cases, or reuse of the cache): {prepare_s:.1f} s')
-  print(f"{'case':<24}{'batch':>6}{'plain/s':>10}{'augmented/s':>13}{'train step/s':>14}")
-  for r in rows:
-    print(f"{r['case']:<24}{r['batch']:>6}{r['samples_per_s']:>10.1f}"
-          f"{r['samples_per_s_augmented']:>13.1f}"
-          f"{r.get('train_step_samples_per_s', float('nan')):>14.1f}")
-  report = {'device': str(jax.devices()[0]), 'cpu_count': os.cpu_count(),
-            'prepare_s': prepare_s, 'results': rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(report, f, indent=2)
-  print(f'wrote {args.out}')
-
+  print_table(rows, [('case', 'case', ''), ('batch', 'batch', 'd'),
+                     ('samples_per_s', 'plain/s', '.1f'),
+                     ('samples_per_s_augmented', 'augmented/s', '.1f'),
+                     ('train_step_samples_per_s', 'train step/s', '.1f')])
+  write_results(args.out, rows, prepare_s=prepare_s)
 
 if __name__ == '__main__':
   main()

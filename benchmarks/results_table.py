@@ -1,0 +1,37 @@
+"""What every benchmark does at the end: print its rows as a table and write them as JSON
+with a description of the machine (so numbers from different machines are not confused)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Dict, List, Sequence, Tuple
+
+import jax
+
+# (row key, column header, format spec); a missing value prints as nan.
+Column = Tuple[str, str, str]
+
+
+def print_table(rows: List[Dict], columns: Sequence[Column]) -> None:
+  widths = [max(len(header) + 2, 8) for _, header, _ in columns]
+  widths[0] = max([len(columns[0][1])] + [len(str(r[columns[0][0]])) for r in rows]) + 2
+  print('\n' + ''.join(f'{header:<{w}}' if i == 0 else f'{header:>{w}}'
+                       for i, ((_, header, _), w) in enumerate(zip(columns, widths))))
+  for r in rows:
+    cells = []
+    for i, ((key, _, spec), w) in enumerate(zip(columns, widths)):
+      value = r.get(key, float('nan'))
+      cells.append(f'{value:<{w}}' if i == 0 else f'{format(value, spec):>{w}}')
+    print(''.join(cells))
+
+
+def write_results(path: str, rows: List[Dict], **extra) -> None:
+  report = {'device': str(jax.devices()[0]), 'device_count': jax.device_count(),
+            'cpu_count': os.cpu_count(), 'platform': platform.platform(),
+            'jax': jax.__version__, **extra, 'results': rows}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2)
+  print(f'wrote {path}')
