@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medjax.models.conv import make_conv
 from medjax.models.layers import dense_init, kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
@@ -20,19 +21,21 @@ class SimpleCNN(nn.Module):
     hidden: width of the hidden dense layer.
     dropout_rate: dropout before the output layer.
     initializer: 'he' or 'xavier' kernel initialisation.
+    conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per backend).
   """
   num_outputs: int
   features: tuple[int, ...] = (32, 64)
   hidden: int = 128
   dropout_rate: float = 0.0
   initializer: str = 'he'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     nd = spatial_dims(x)
     init = kernel_init(self.initializer)
     for f in self.features:
-      x = nn.Conv(f, (3,) * nd, kernel_init=init)(x)
+      x = make_conv(f, (3,) * nd, conv_impl=self.conv_impl, kernel_init=init)(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (2,) * nd, strides=(2,) * nd)
     x = x.reshape((x.shape[0], -1))

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medjax.models.conv import make_conv
 from medjax.models.layers import dense_init, kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
@@ -87,6 +88,7 @@ class ResNet(nn.Module):
     dropout_rate: dropout before the classifier.
     initializer: 'he' or 'xavier' kernel initialisation.
     zero_init_residual: last BatchNorm of each block starts at zero (Goyal et al. 2017).
+    conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per backend).
   """
   num_outputs: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -96,11 +98,12 @@ class ResNet(nn.Module):
   dropout_rate: float = 0.0
   initializer: str = 'he'
   zero_init_residual: bool = False
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     nd = spatial_dims(x)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kernel_init(self.initializer),
+    conv = functools.partial(make_conv, conv_impl=self.conv_impl, use_bias=False, kernel_init=kernel_init(self.initializer),
                              padding='SAME')
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medjax.models.conv import ConvTranspose, make_conv
 from medjax.models.layers import kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
@@ -41,11 +42,12 @@ class ConvBlock(nn.Module):
   residual: bool
   negative_slope: float
   initializer: str
+  conv_impl: str
 
   @nn.compact
   def __call__(self, x, train: bool):
     nd = x.ndim - 2
-    conv = functools.partial(nn.Conv, kernel_size=(3,) * nd, padding='SAME',
+    conv = functools.partial(make_conv, kernel_size=(3,) * nd, conv_impl=self.conv_impl, padding='SAME',
                              kernel_init=kernel_init(self.initializer))
     shortcut = x
     for i in range(self.num_convs):
@@ -56,8 +58,10 @@ class ConvBlock(nn.Module):
         x = nn.leaky_relu(x, self.negative_slope)
     if self.residual:
       if shortcut.shape != x.shape:
-        shortcut = nn.Conv(self.features, (1,) * nd, strides=(self.strides,) * nd,
-                           kernel_init=kernel_init(self.initializer), name='shortcut')(shortcut)
+        shortcut = make_conv(self.features, (1,) * nd, conv_impl=self.conv_impl,
+                             strides=(self.strides,) * nd,
+                             kernel_init=kernel_init(self.initializer),
+                             name='shortcut')(shortcut)
       x = nn.leaky_relu(x + shortcut, self.negative_slope)
     return x
 
@@ -76,6 +80,8 @@ class UNet(nn.Module):
     upsample: 'transpose' (transposed convolution) or 'resize' (linear resize + 1x1 conv;
       avoids the slow 3D transposed-convolution backward pass of some backends).
     deep_supervision: also return lower-resolution logits when training.
+    conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per
+      backend). Transposed convolutions with kernel = stride run as a matrix product on CPU.
   """
   num_outputs: int
   features: Sequence[int] = (32, 64, 128, 256, 320)
@@ -87,6 +93,7 @@ class UNet(nn.Module):
   deep_supervision: bool = False
   negative_slope: float = 0.01
   initializer: str = 'he'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
@@ -105,7 +112,8 @@ class UNet(nn.Module):
                        f'{total}; pad the input (medjax.data.intensity.pad_to_multiple)')
     block = functools.partial(ConvBlock, num_convs=self.convs_per_block, norm=self.norm,
                               residual=self.block == 'residual',
-                              negative_slope=self.negative_slope, initializer=self.initializer)
+                              negative_slope=self.negative_slope, initializer=self.initializer,
+                              conv_impl=self.conv_impl)
     skips = []
     for level, (f, s) in enumerate(zip(self.features, self.strides)):
       x = block(f, s, name=f'encoder{level}')(x, train)
@@ -114,17 +122,19 @@ class UNet(nn.Module):
     for level in range(len(self.features) - 2, -1, -1):
       f, s = self.features[level], self.strides[level + 1]
       if self.upsample == 'transpose':
-        x = nn.ConvTranspose(f, (s,) * nd, strides=(s,) * nd,
-                             kernel_init=kernel_init(self.initializer), name=f'up{level}')(x)
+        x = ConvTranspose(f, (s,) * nd, (s,) * nd, kernel_init=kernel_init(self.initializer),
+                          conv_impl=self.conv_impl, name=f'up{level}')(x)
       else:
         x = jax.image.resize(x, x.shape[:1] + skips[level].shape[1:-1] + x.shape[-1:], 'linear')
-        x = nn.Conv(f, (1,) * nd, kernel_init=kernel_init(self.initializer),
-                    name=f'up{level}')(x)
+        x = make_conv(f, (1,) * nd, conv_impl=self.conv_impl, kernel_init=kernel_init(self.initializer),
+                      name=f'up{level}')(x)
       x = jnp.concatenate([x, skips[level]], axis=-1)
       x = block(f, 1, name=f'decoder{level}')(x, train)
       if self.deep_supervision and level > 0:
-        outputs.append(nn.Conv(self.num_outputs, (1,) * nd, name=f'ds_head{level}')(x))
-    logits = nn.Conv(self.num_outputs, (1,) * nd, name='head')(x).astype(jnp.float32)
+        outputs.append(make_conv(self.num_outputs, (1,) * nd, conv_impl=self.conv_impl,
+                                 name=f'ds_head{level}')(x))
+    logits = make_conv(self.num_outputs, (1,) * nd, conv_impl=self.conv_impl, name='head')(x)
+    logits = logits.astype(jnp.float32)
     if self.deep_supervision and train:
       return [logits] + [o.astype(jnp.float32) for o in reversed(outputs)]
     return logits
