@@ -348,6 +348,8 @@ def main() -> None:
   parser.add_argument('--cases', nargs='*', default=list(MODELS), choices=list(MODELS),
                       help='models whose train steps are timed (part b)')
   parser.add_argument('--reps', type=int, default=3)
+  parser.add_argument('--batch', type=int, default=0,
+                      help='override the batch size of every train-step case (0: as listed)')
   parser.add_argument('--out', default=os.path.join(HERE, 'results', 'conv_vs_torch.json'))
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
@@ -364,6 +366,9 @@ def main() -> None:
                          ('torch_gflops', 'torch', '.1f'), ('auto_vs_xla', 'auto/xla', '.2f'),
                          ('auto_vs_torch', 'auto/torch', '.2f')])
   if args.part in ('all', 'steps'):
+    if args.batch:
+      for key in args.cases:
+        MODELS[key] = MODELS[key][:3] + (args.batch,) + MODELS[key][4:]
     print('train steps:')
     steps = [bench_step(key, args.reps) for key in args.cases]
     print_table(steps, [('case', 'train step', ''), ('batch', 'batch', 'd'),

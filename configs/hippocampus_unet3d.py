@@ -12,7 +12,8 @@ whole volumes by sliding window, scored on the original grid (Dice, HD95 in mm).
   medjax train --config configs/hippocampus_unet3d.py:runlocal --workdir /tmp/h   # seconds, tests
 
 Reference: nnU-Net 3d_fullres 5-fold Dice anterior 0.8975, posterior 0.8807 (1000 epochs x 250
-steps, batch 9 on a GPU). On a 2-core CPU a train step of this network runs ~0.2 patches/s,
+steps, batch 9 on a GPU). On a 2-core CPU a train step of this network runs ~0.5 patches/s
+with the CPU convolutions of medjax.models.conv (0.1 with XLA's; benchmarks/conv_vs_torch.py),
 so the ':cpu' variant trains a small 2D U-Net on slices for 2000 steps instead (18 min on
 2 cores): fold 0 Dice anterior 0.843, posterior 0.826, HD95 2.93 / 2.57 mm. The full 3D
 recipe is a GPU job and is not yet measured.
