@@ -150,33 +150,31 @@ def _conv_pointwise(x, w, strides, pads):
   return jnp.einsum('...i,io->...o', x, w.reshape(w.shape[-2:]))
 
 
+def _depth_slices(x, kd: int, sd: int, pd: tuple[int, int]) -> list:
+  """``x [B, D, H, W, C]`` -> per depth tap ``t`` the input under that tap for every output
+  depth, ``[B, D_out, H, W, C]`` (depth padded by ``pd``, stride ``sd``)."""
+  dout = _out_size(x.shape[1], kd, sd, pd)
+  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pd[0], pd[1], 0)] + [(0, 0, 0)] * 3)
+  return [lax.slice_in_dim(xp, t, t + sd * (dout - 1) + 1, sd, axis=1) for t in range(kd)]
+
+
 def _conv_depth_taps(x, w, strides, pads, inner: str):
   """3D convolution as the sum over depth taps of 2D convolutions of depth slices."""
-  b, d, h, wd, cin = x.shape
-  kd, cout = w.shape[0], w.shape[-1]
-  sd, pd = strides[0], pads[0]
-  dout = _out_size(d, kd, sd, pd)
-  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pd[0], pd[1], 0)] + [(0, 0, 0)] * 3)
   y = None
-  for t in range(kd):
-    xs = lax.slice_in_dim(xp, t, t + sd * (dout - 1) + 1, sd, axis=1)
-    xs = xs.reshape(b * dout, h, wd, cin)
-    yt = _conv_nd(xs, w[t], strides[1:], pads[1:], inner)
+  for t, xs in enumerate(_depth_slices(x, w.shape[0], strides[0], pads[0])):
+    b, dout = xs.shape[:2]
+    yt = _conv_nd(xs.reshape((b * dout,) + xs.shape[2:]), w[t], strides[1:], pads[1:], inner)
     y = yt if y is None else y + yt
   return y.reshape((b, dout) + y.shape[1:])
 
 
 def _conv_depth_stack(x, w, strides, pads, inner: str):
   """3D convolution as one 2D convolution whose channels are the ``k_d`` depth taps."""
-  b, d, h, wd, cin = x.shape
-  kd, cout = w.shape[0], w.shape[-1]
-  sd, pd = strides[0], pads[0]
-  dout = _out_size(d, kd, sd, pd)
-  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (pd[0], pd[1], 0)] + [(0, 0, 0)] * 3)
-  xs = jnp.concatenate([lax.slice_in_dim(xp, t, t + sd * (dout - 1) + 1, sd, axis=1)
-                        for t in range(kd)], axis=-1).reshape(b * dout, h, wd, kd * cin)
+  kd, cin, cout = w.shape[0], w.shape[-2], w.shape[-1]
+  xs = jnp.concatenate(_depth_slices(x, kd, strides[0], pads[0]), axis=-1)
+  b, dout = xs.shape[:2]
   w2 = jnp.moveaxis(w, 0, 2).reshape(w.shape[1:3] + (kd * cin, cout))
-  y = _conv_nd(xs, w2, strides[1:], pads[1:], inner)
+  y = _conv_nd(xs.reshape((b * dout,) + xs.shape[2:]), w2, strides[1:], pads[1:], inner)
   return y.reshape((b, dout) + y.shape[1:])
 
 
