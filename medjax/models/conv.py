@@ -69,13 +69,17 @@ def _out_size(size: int, k: int, s: int, pad: tuple[int, int]) -> int:
   return (size + pad[0] + pad[1] - k) // s + 1
 
 
+def _pad_spatial(x: jax.Array, pads: Pads) -> jax.Array:
+  """Zero-pads the spatial axes of ``x [B, *S, C]`` by ``pads`` (negative pads crop)."""
+  return lax.pad(x, jnp.zeros((), x.dtype),
+                 [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+
+
 def _patches(x: jax.Array, kernel_size: Sequence[int], strides: Sequence[int],
              pads: Pads) -> jax.Array:
   """``[B, *S, C]`` -> ``[B, *S_out, taps, C]``: the input under each kernel tap (taps in
   row-major kernel order, so ``reshape(-1, C_in, C_out)`` of a kernel lines up with them)."""
-  nd = x.ndim - 2
-  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
-               + [(0, 0, 0)])
+  xp = _pad_spatial(x, pads)
   out = [_out_size(n, k, s, p) for n, k, s, p in zip(x.shape[1:-1], kernel_size, strides, pads)]
   cols = []
   for tap in itertools.product(*(range(k) for k in kernel_size)):
@@ -83,7 +87,6 @@ def _patches(x: jax.Array, kernel_size: Sequence[int], strides: Sequence[int],
     limit = (xp.shape[0],) + tuple(t + s * (o - 1) + 1 for t, s, o in
                                    zip(tap, strides, out)) + (xp.shape[-1],)
     cols.append(lax.slice(xp, start, limit, (1,) + tuple(strides) + (1,)))
-  del nd
   return jnp.stack(cols, axis=-2)
 
 
@@ -100,8 +103,7 @@ def _weight_grad_shifted(x, g, kernel_shape, pads):
   constant row offset, so each tap's gradient is one product of a contiguous row block of
   ``x`` with the output gradient (zero-extended to the padded grid)."""
   nd, cin, cout = x.ndim - 2, kernel_shape[-2], kernel_shape[-1]
-  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
-               + [(0, 0, 0)])
+  xp = _pad_spatial(x, pads)
   grid = xp.shape[1:-1]
   gp = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0)] + [(0, n - o, 0) for n, o in
                                                          zip(grid, g.shape[1:-1])] + [(0, 0, 0)])
@@ -144,8 +146,7 @@ _conv_matmul_wgrad.defvjp(_conv_matmul_wgrad_fwd, _conv_matmul_wgrad_bwd)
 
 def _conv_pointwise(x, w, strides, pads):
   """Kernel size 1: pad, take every ``stride``-th position, multiply by ``[C_in, C_out]``."""
-  x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
-              + [(0, 0, 0)])
+  x = _pad_spatial(x, pads)
   x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
   return jnp.einsum('...i,io->...o', x, w.reshape(w.shape[-2:]))
 
