@@ -13,9 +13,13 @@ Each measurement is the median of ``--reps`` timed repetitions after warm-up (co
 excluded); medjax and PyTorch are measured back to back for each case, so the ratio holds
 on a shared, noisy machine. Needs PyTorch: ``pip install -e ".[bench]"``.
 
-  python benchmarks/conv_vs_torch.py                      # everything (~30 min on 2 cores)
-  python benchmarks/conv_vs_torch.py --part steps --cases resnet18_28 unet2d_128
-  python benchmarks/conv_vs_torch.py --part layers --models unet3d_hippocampus
+The 3D ResNet-18 at batch 32 with XLA's convolutions takes minutes per layer and per step,
+so its case runs at a smaller batch and goes to its own file. The committed results:
+
+  python benchmarks/conv_vs_torch.py --models resnet18_28 unet3d_hippocampus \
+      --cases resnet18_28 unet2d_128 unet3d_hippocampus                  # ~30 min, 2 cores
+  python benchmarks/conv_vs_torch.py --models resnet18_3d_28 --cases resnet18_3d_28 \
+      --batch 4 --reps 1 --out benchmarks/results/conv_vs_torch_resnet18_3d.json
 """
 
 from __future__ import annotations
@@ -165,6 +169,7 @@ def bench_layer(layer: Dict, reps: int) -> Dict:
     run().backward(gt)
   secs = median_seconds(torch_step, reps, warmup)
   row['torch_gflops'] = 3 * flops / secs / 1e9
+  row['gflop'] = 3 * flops / 1e9  # forward + input gradient + weight gradient
   row['auto_vs_xla'] = row['auto_gflops'] / row['xla_gflops']
   row['auto_vs_torch'] = row['auto_gflops'] / row['torch_gflops']
   print(f"  {row['layer']}: xla {row['xla_gflops']:.1f}, auto ({row['auto_impl']}) "
@@ -349,32 +354,47 @@ def main() -> None:
                       help='models whose train steps are timed (part b)')
   parser.add_argument('--reps', type=int, default=3)
   parser.add_argument('--batch', type=int, default=0,
-                      help='override the batch size of every train-step case (0: as listed)')
+                      help='override the batch size of every model, both parts (0: as listed)')
   parser.add_argument('--out', default=os.path.join(HERE, 'results', 'conv_vs_torch.json'))
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
   print(f'CPU: {cpu_model()}; {os.cpu_count()} cores; jax {jax.__version__} '
         f'({jax.default_backend()}), torch {torch.__version__} '
         f'({torch.get_num_threads()} threads)')
-  layers, steps = [], []
+  if args.batch:
+    for key in MODELS:
+      MODELS[key] = MODELS[key][:3] + (args.batch,) + MODELS[key][4:]
+  layers, steps, conv_seconds = [], [], {}
   if args.part in ('all', 'layers'):
     for key in args.models:
       print(f'layers of {key}:')
-      layers += [bench_layer(layer, args.reps) for layer in conv_layers(key)]
+      rows = [bench_layer(layer, args.reps) for layer in conv_layers(key)]
+      layers += rows
+      # The convolutions' share of a train step: each layer's time, times its count.
+      conv_seconds[key] = {impl: sum(r['count'] * r['gflop'] / r[f'{impl}_gflops'] for r in rows)
+                           for impl in ('xla', 'auto', 'torch')}
     print_table(layers, [('layer', 'layer', ''), ('count', 'n', 'd'), ('auto_impl', 'auto', ''),
                          ('xla_gflops', 'xla', '.1f'), ('auto_gflops', 'auto', '.1f'),
                          ('torch_gflops', 'torch', '.1f'), ('auto_vs_xla', 'auto/xla', '.2f'),
                          ('auto_vs_torch', 'auto/torch', '.2f')])
   if args.part in ('all', 'steps'):
-    if args.batch:
-      for key in args.cases:
-        MODELS[key] = MODELS[key][:3] + (args.batch,) + MODELS[key][4:]
     print('train steps:')
     steps = [bench_step(key, args.reps) for key in args.cases]
+    for row in steps:
+      # Time per step outside the convolutions (normalisation, activations, loss, optimizer),
+      # when the same model's layers were timed in this run.
+      for impl in ('xla', 'auto', 'torch'):
+        if row['case'] in conv_seconds:
+          row[f'{impl}_conv_s'] = conv_seconds[row['case']][impl]
+          row[f'{impl}_other_s'] = row['batch'] / row[f'{impl}_per_s'] - row[f'{impl}_conv_s']
     print_table(steps, [('case', 'train step', ''), ('batch', 'batch', 'd'),
                         ('xla_per_s', 'xla /s', '.2f'), ('auto_per_s', 'auto /s', '.2f'),
                         ('torch_per_s', 'torch /s', '.2f'), ('auto_vs_xla', 'auto/xla', '.2f'),
-                        ('auto_vs_torch', 'auto/torch', '.2f')])
+                        ('auto_vs_torch', 'auto/torch', '.2f'),
+                        ('auto_conv_s', 'auto conv s', '.2f'),
+                        ('auto_other_s', 'auto other s', '.2f'),
+                        ('torch_conv_s', 'torch conv s', '.2f'),
+                        ('torch_other_s', 'torch other s', '.2f')])
   write_results(args.out, layers + steps, cpu=cpu_model(), torch=torch.__version__,
                 torch_threads=torch.get_num_threads())
 

@@ -15,16 +15,18 @@ Column = Tuple[str, str, str]
 
 
 def print_table(rows: List[Dict], columns: Sequence[Column]) -> None:
-  widths = [max(len(header) + 2, 8) for _, header, _ in columns]
-  widths[0] = max([len(columns[0][1])] + [len(str(r[columns[0][0]])) for r in rows]) + 2
+  def cell(r, key, spec):
+    value = r.get(key, float('nan'))
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+  # Each column as wide as its header or its widest value, plus two spaces.
+  widths = [max([len(header), 6] + [len(cell(r, key, spec)) for r in rows]) + 2
+            for key, header, spec in columns]
   print('\n' + ''.join(f'{header:<{w}}' if i == 0 else f'{header:>{w}}'
                        for i, ((_, header, _), w) in enumerate(zip(columns, widths))))
   for r in rows:
-    cells = []
-    for i, ((key, _, spec), w) in enumerate(zip(columns, widths)):
-      value = r.get(key, float('nan'))
-      cells.append(f'{value:<{w}}' if i == 0 else f'{format(value, spec):>{w}}')
-    print(''.join(cells))
+    print(''.join(f'{cell(r, key, spec):<{w}}' if i == 0 else f'{cell(r, key, spec):>{w}}'
+                  for i, ((key, _, spec), w) in enumerate(zip(columns, widths))))
 
 
 def write_results(path: str, rows: List[Dict], **extra) -> None:

@@ -118,6 +118,7 @@ def test_auto_is_xla_off_cpu_and_unknown_impl_is_an_error():
   assert cpu((8, 14, 14, 14, 128), (3, 3, 3, 128, 128), (1, 1, 1)) == 'depth_taps'
   assert cpu((128, 28, 28, 64), (3, 3, 64, 64), (1, 1)) == 'matmul_wgrad'
   assert cpu((128, 7, 7, 256), (3, 3, 256, 256), (1, 1)) == 'xla'
+  assert cpu((128, 28, 28, 1), (3, 3, 1, 64), (1, 1)) == 'xla'  # a first layer: too thin
   assert cpu((128, 28, 28, 64), (1, 1, 64, 128), (2, 2)) == 'pointwise'
   with pytest.raises(ValueError, match="unknown conv_impl 'fast'.*xla"):
     build_model('simple_cnn', 2, conv_impl='fast').init(jax.random.PRNGKey(0),
@@ -174,9 +175,10 @@ def test_models_train_the_same_with_auto_and_xla(name, kwargs, shape):
                              mutable=['batch_stats'])
       out = out if isinstance(out, list) else [out]
       return sum(jnp.mean(o.astype(jnp.float32) ** 2) for o in out), new
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # one compilation
     losses, first_grads = [], None
     for _ in range(3):
-      (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+      (loss, new), grads = grad_fn(params, stats)
       first_grads = grads if first_grads is None else first_grads
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)

@@ -183,6 +183,9 @@ def _conv_depth_stack(x, w, strides, pads, inner: str):
 # few rows the matrix product of the patches does not beat it (7x7 and 10x14 maps lose,
 # 14x14 and larger win; benchmarks/conv_vs_torch.py).
 MATMUL_WGRAD_MIN_POSITIONS = 160
+# ... and so do layers with fewer input channels than this (an image's first layer): one
+# product per tap of a [N, C_in] block is too thin to beat XLA (1 -> 64 ch at 28 px: 0.65x).
+MATMUL_WGRAD_MIN_CHANNELS = 8
 # 3D stride-1 layers with at most this many stacked input channels (k_d * C_in) run as one 2D
 # convolution over the stacked depth taps; wider or strided ones as a sum over depth taps.
 DEPTH_STACK_MAX_CHANNELS = 192
@@ -204,7 +207,8 @@ def choose_impl(backend: str, input_shape: Sequence[int], kernel_shape: Sequence
       return 'depth_stack'
     return 'depth_taps'
   positions = math.prod(-(-n // s) for n, s in zip(input_shape[1:-1], strides))
-  return 'matmul_wgrad' if positions >= MATMUL_WGRAD_MIN_POSITIONS else 'xla'
+  wide = kernel_shape[-2] >= MATMUL_WGRAD_MIN_CHANNELS
+  return 'matmul_wgrad' if wide and positions >= MATMUL_WGRAD_MIN_POSITIONS else 'xla'
 
 
 def _conv_nd(x, w, strides, pads, impl):
