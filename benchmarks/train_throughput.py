@@ -1,6 +1,6 @@
 """Train-step and input-pipeline throughput (images/s) on this machine.
 
-Times the jit-compiled, donated train step of medjax's Experiment (compile excluded, after
+Times the jit-compiled, donated train step of medjax's ClassificationExperiment (compile
 warm-up, ``block_until_ready`` on every step) on synthetic inputs, and the tf.data pipeline
 alone. Prints a table and writes JSON.
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from medjax import config as config_lib
 from medjax.data import ClassificationData, pipeline
-from medjax.train import Experiment
+from medjax.experiments import ClassificationExperiment
 from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
 
 CASES = {
@@ -46,7 +46,7 @@ def bench_train_step(name: str, steps: int, warmup: int = 2) -> dict:
   config = config_lib.resolve(dict(model=model, train=dict(batch_size=batch,
                                                           eval_batch_size=batch)))
   data = _data(shape, batch)
-  exp = Experiment(config, data)
+  exp = ClassificationExperiment(config, data)
   state = exp.init_state()
   x = np.asarray((data.splits['train'][0][:batch] / 255.0 - 0.5) / 0.5, np.float32)
   y = data.splits['train'][1][:batch]

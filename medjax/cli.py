@@ -185,8 +185,8 @@ def _user_errors(command):
 
 
 def _predict(args) -> int:
-  from medjax import segmentation
-  written = segmentation.predict_files(args.workdir, args.input, args.output, args.step)
+  from medjax import apply
+  written = apply.predict_files(args.workdir, args.input, args.output, args.step)
   print(f'wrote {len(written)} label map(s) to {args.output}')
   return 0
 
@@ -203,7 +203,8 @@ def _explain(args) -> int:
   if not (args.input and args.output):
     raise ValueError('explain needs --input and --output (or --list_layers)')
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-  records = explain.explain_files(args.workdir, args.input, args.output, args.step,
+  from medjax import apply
+  records = apply.explain_files(args.workdir, args.input, args.output, args.step,
                                   args.layer, args.target_class, methods, args.ig_steps)
   print(f'explained {len(records)} input(s); overlays and arrays in {args.output}')
   return 0
@@ -241,12 +242,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 
 def _print_metrics(results) -> None:
-  """The headline metrics of each scored split, as a table."""
-  preferred = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'f1',
-               'ece', 'dice', 'loss')
+  """The task's headline metrics of each scored split, as a table."""
   splits = [s for s in ('val', 'test') if s in results]
-  keys = [k for k in preferred if any(isinstance(results[s].get(k), float) for s in splits)]
-  keys += sorted(k for k in results[splits[0]] if k.startswith(('dice_', 'hd95_')))
+  keys = results['headline_metrics']
   width = max(12, *(len(k) + 2 for k in keys))
   print(f"\n{'split':<6}" + ''.join(f'{k:>{width}}' for k in keys))
   for split in splits:

@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.augment.brightness = 0.0     # additive shift uniform in [-b, +b] (normalised units)
   c.data.augment.contrast = 0.0       # multiplicative factor uniform in [1-c, 1+c]
 
-  # Segmentation datasets (task='segmentation'): see medjax/segmentation.py.
+  # Segmentation datasets (task='segmentation'): see medjax/experiments/segmentation.py.
   c.data.root = ''                    # MSD folder (dataset.json) or image/label folders
   c.data.cache_dir = ''               # prepared cases; '' = ~/.cache/medjax
   c.data.target_spacing = 'keep'      # 'keep' | 'median' | 'x,y,z' in mm

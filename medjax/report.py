@@ -19,10 +19,6 @@ from typing import Dict, List, Optional, Sequence
 
 from medjax.metrics import mean_sd
 
-CLASSIFICATION_METRICS = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity',
-                          'f1', 'ece', 'loss')
-SEGMENTATION_METRICS = ('dice', 'iou', 'hd95', 'assd')
-
 
 def _read_json(path: str, default=None):
   if not os.path.exists(path):
@@ -76,8 +72,8 @@ def load_run(workdir: str) -> Dict:
 
 
 def headline_metrics(results: Optional[Dict]) -> Dict[str, float]:
-  """``{'<split>/<metric>': value}``: the classification headline metrics of val and test,
-  or the segmentation ones (mean and per class) of val."""
+  """``{'<split>/<metric>': value}`` of each scored split, for the metrics the task named
+  in ``results.json``'s ``headline_metrics`` (every scalar for runs that predate it)."""
   if not results:
     return {}
   out = {}
@@ -85,11 +81,7 @@ def headline_metrics(results: Optional[Dict]) -> Dict[str, float]:
     metrics = results.get(split)
     if not isinstance(metrics, dict):
       continue
-    if results.get('task') == 'segmentation':
-      keys = ['dice'] + sorted(k for k in metrics if k.split('_')[0] in SEGMENTATION_METRICS
-                               and '_' in k and not k.startswith('hd95_failures'))
-    else:
-      keys = [k for k in CLASSIFICATION_METRICS if k in metrics]
+    keys = results.get('headline_metrics') or sorted(metrics)
     for key in keys:
       value = metrics.get(key)
       if isinstance(value, (int, float)):

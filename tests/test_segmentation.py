@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from medjax import config as config_lib, seg_metrics, segmentation
+from medjax import apply, config as config_lib
 from medjax import train as train_lib
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_predict_then_score_equals_validation(seg_run, tmp_path):
   for case_id in split['val']:
     shutil.copy(shared_file('msd_hippocampus', 'imagesTr', f'{case_id}.nii.gz'), images)
     shutil.copy(shared_file('msd_hippocampus', 'labelsTr', f'{case_id}.nii.gz'), refs)
-  segmentation.predict_files(workdir, str(images), str(tmp_path / 'pred'))
+  apply.predict_files(workdir, str(images), str(tmp_path / 'pred'))
   from medjax import scoring
   summary = scoring.score_folders(str(tmp_path / 'pred'), str(refs), str(tmp_path / 's'), 3)
   dice = [results['val']['per_case'][c]['Anterior']['dice'] for c in split['val']]
@@ -170,7 +170,7 @@ def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):
   for case_id in split['val']:
     shutil.copy(os.path.join(root, 'imagesTr', f'{case_id}.nii.gz'), images)
     shutil.copy(os.path.join(root, 'labelsTr', f'{case_id}.nii.gz'), refs)
-  segmentation.predict_files(workdir, str(images), str(tmp_path / 'pred'))
+  apply.predict_files(workdir, str(images), str(tmp_path / 'pred'))
   summary = scoring.score_folders(str(tmp_path / 'pred'), str(refs), str(tmp_path / 'scores'), 3)
   assert summary['cases'] == len(split['val'])
   for case_id in split['val']:

@@ -14,6 +14,8 @@ from sklearn import metrics as skm
 
 from medjax import checkpoint, config as config_lib
 from medjax import train as train_lib
+from medjax.data import load_data
+from medjax.experiments import ClassificationExperiment
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +45,7 @@ def _train_losses(workdir):
 
 
 def _final_params(workdir, config):
-  exp = train_lib.Experiment(config_lib.resolve(config), train_lib.load_data(config))
+  exp = ClassificationExperiment(config_lib.resolve(config), load_data(config))
   manager = checkpoint.make_manager(workdir, 1, 'auc', 'max')
   state, _ = checkpoint.restore(manager, manager.latest_step(), exp.abstract_state())
   return jax.device_get(state)
@@ -187,11 +189,11 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
 
 
 def test_bad_task_and_loss_are_errors():
-  data = train_lib.load_data(_config())
+  data = load_data(_config())
   with pytest.raises(ValueError, match="task 'multilabel' does not fit"):
-    train_lib.Experiment(config_lib.resolve(_config(task='multilabel')), data)
+    ClassificationExperiment(config_lib.resolve(_config(task='multilabel')), data)
   with pytest.raises(ValueError, match="unknown loss.name 'dice'"):
-    train_lib.Experiment(config_lib.resolve(_config(**{'loss.name': 'dice'})), data)
+    ClassificationExperiment(config_lib.resolve(_config(**{'loss.name': 'dice'})), data)
 
 
 def test_cli_train_then_evaluate(tmp_path):
@@ -254,7 +256,7 @@ def test_paper_recipe_on_unseen_medmnist_layouts(name, shape, num_classes, label
   pred = np.load(tmp_path / 'w' / 'predictions_test.npz')
   expected_width = label_width if task == 'multilabel' else num_classes
   assert pred['scores'].shape == (32, expected_width)
-  exp = train_lib.Experiment(config_lib.resolve(config), train_lib.load_data(config))
+  exp = ClassificationExperiment(config_lib.resolve(config), load_data(config))
   assert exp.num_outputs == outputs
 
 

@@ -1,8 +1,8 @@
 """Segmentation experiments: prepared cases in, U-Net trained on patches, whole-volume
 validation by sliding window, predictions written as NIfTI on the input's own grid.
 
-The training loop, checkpoints, resume and sharding are those of :mod:`medjax.train`; this
-module supplies the data, the loss and the evaluation:
+The training loop, checkpoints, resume and sharding are those of :mod:`medjax.train` and
+:mod:`medjax.experiments.base`; this module supplies the data, the loss and the evaluation:
 
 * data: ``data.root`` is prepared once into an uncompressed cache (:mod:`medjax.data.prepare`),
   split by a seeded k-fold (``data.num_folds``, ``data.fold``, ``data.split_seed``), and the
@@ -18,7 +18,6 @@ module supplies the data, the loss and the evaluation:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Dict, Sequence, Tuple
@@ -29,9 +28,10 @@ import ml_collections
 import numpy as np
 
 from medjax import inference, metrics as metrics_lib, seg_losses, seg_metrics
-from medjax.data import nifti, prepare
+from medjax import workdir as workdir_lib
+from medjax.data import layouts, nifti, prepare
 from medjax.data.sampling import SegAugment, SegmentationSampler
-from medjax.train import Experiment
+from medjax.experiments.base import Experiment
 
 
 def parse_target_spacing(text: str):
@@ -57,6 +57,9 @@ def prepare_options(cfg: ml_collections.ConfigDict) -> prepare.PrepareOptions:
 
 
 SEG_LOSSES = ('dice_ce', 'dice', 'ce', 'focal', 'tversky', 'generalized_dice')
+# What the CLI table, results.json's headline_metrics and the reports show: the mean Dice,
+# then these per class (dice_<class>, ...).
+PER_CLASS_HEADLINE = ('dice', 'iou', 'hd95', 'assd')
 
 
 class SegData:
@@ -105,9 +108,11 @@ def _downsample_labels(labels: jax.Array, shape: Sequence[int]) -> jax.Array:
 class SegmentationExperiment(Experiment):
   """A segmentation config bound to its prepared data, model and compiled steps."""
 
+  task = 'segmentation'
+  eval_splits = ('val',)
+  available_splits = ('train', 'val')
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-    self.task = 'segmentation'
+    super().__init__(config)
     cfg = config.data
     if not cfg.root:
       raise ValueError('task=segmentation needs data.root (an MSD folder with dataset.json, '
@@ -124,6 +129,7 @@ class SegmentationExperiment(Experiment):
                        f'{len(prepared.class_names)} classes')
     self.data = SegData(os.path.basename(os.path.normpath(cfg.root)), class_names, split,
                         prepared)
+    self.dataset_name, self.class_names = self.data.name, class_names
     self.label_values = tuple(int(v) for v in cfg.label_values)
     self.cases = {c: prepared.load(c) for c in prepared.case_ids}
     self.num_classes = len(class_names)
@@ -144,12 +150,14 @@ class SegmentationExperiment(Experiment):
         slice_axis=self.slice_axis, skip_empty_slices=cfg.skip_empty_slices)
     steps = config.train.steps_per_epoch or math.ceil(len(split['train']) /
                                                       config.train.batch_size)
-    self._setup(num_outputs=self.num_classes, input_shape=self.patch_size + (channels,),
-                steps_per_epoch=steps)
+    self.setup(num_outputs=self.num_classes, input_shape=self.patch_size + (channels,),
+               steps_per_epoch=steps)
     self._predict = jax.jit(self._predict_impl)
 
   # ----- training ----------------------------------------------------------------------
-  def _batch_loss(self, outputs, labels) -> jax.Array:
+  def loss(self, outputs, labels) -> jax.Array:
+    """Dice/CE-family loss of logits ``[B, *spatial, K]`` (or a list, deep supervision:
+    weights 1/2^i, normalised) against labels ``[B, *spatial]``."""
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     weights = np.array([1.0 / 2**i for i in range(len(outputs))])
     weights = weights / weights.sum()
@@ -212,16 +220,19 @@ class SegmentationExperiment(Experiment):
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
     return prepare.restore_original_grid(labels, self.data.prepared.records[case_id])
 
-  @property
-  def eval_splits(self):
-    return ('val',)
-
-  @property
-  def available_splits(self):
-    return ('train', 'val')
+  def prepare_file(self, path: str) -> Tuple[np.ndarray, Dict]:
+    """A new scan prepared exactly as the training cases were (reorientation, resampling,
+    crop, normalisation): ``(image [*spatial, C], record)``; the record maps a prediction
+    back onto the file's grid (:func:`medjax.data.prepare.restore_original_grid`)."""
+    return prepare.prepare_image(path, self.data.prepared.resolved_options(),
+                                 self.data.prepared.target_spacing)
 
   def describe(self) -> str:
     return f'{self.data.summary()}, patch {self.patch_size}'
+
+  def headline_metrics(self, metrics: Dict) -> list:
+    per_class = [f'{m}_{c}' for c in self.class_names for m in PER_CLASS_HEADLINE]
+    return ['dice'] + [k for k in per_class if k in metrics]
 
   def evaluate(self, state, split: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
     """Scores every case of ``split`` on its original grid, against its original label."""
@@ -234,8 +245,7 @@ class SegmentationExperiment(Experiment):
                                       self.label_values)
         ref_array, spacing = reference.array, reference.spacing
       else:
-        from medjax.data.layouts import read_image_2d
-        ref_array = read_image_2d(record['label'], 'label', self.label_values)
+        ref_array = layouts.read_image_2d(record['label'], 'label', self.label_values)
         spacing = (1.0, 1.0)  # 2D images carry no spacing: distances in pixels
       per_case[case_id] = seg_metrics.segmentation_metrics(prediction, ref_array,
                                                            self.num_classes, spacing)
@@ -243,7 +253,7 @@ class SegmentationExperiment(Experiment):
     return summarize(per_case, self.data.class_names), predictions
 
   def save_predictions(self, workdir: str, split: str, predictions: Dict[str, np.ndarray]):
-    if jax.process_index() != 0:
+    if not workdir_lib.is_main():
       return
     out = os.path.join(workdir, f'predictions_{split}')
     os.makedirs(out, exist_ok=True)
@@ -258,8 +268,7 @@ class SegmentationExperiment(Experiment):
   def write_run_files(self, workdir: str) -> None:
     """``split.json`` (the k-fold split's train and val case ids) and
     ``data_fingerprint.json`` (the dataset's fingerprint and the preparation options)."""
-    with open(os.path.join(workdir, 'split.json'), 'w') as f:
-      json.dump(self.data.splits, f, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, 'split.json'), self.data.splits)
     prepared = self.data.prepared
     fingerprint = {'name': self.data.name, 'root': self.config.data.root,
                    'class_names': list(self.data.class_names),
@@ -267,8 +276,7 @@ class SegmentationExperiment(Experiment):
                    'target_spacing_mm': prepared.target_spacing, 'prepare_options':
                    prepared.options, 'summary': prepared.fingerprint,
                    'split': {k: len(v) for k, v in self.data.splits.items()}}
-    with open(os.path.join(workdir, 'data_fingerprint.json'), 'w') as f:
-      json.dump(fingerprint, f, indent=2, default=list)
+    workdir_lib.write_json(os.path.join(workdir, 'data_fingerprint.json'), fingerprint)
 
 
 def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> Dict:
@@ -287,32 +295,3 @@ def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> 
   out['dice'] = float(np.nanmean(dice_means)) if dice_means else math.nan
   out['per_case'] = {c: {class_names[k]: v for k, v in m.items()} for c, m in per_case.items()}
   return out
-
-
-def predict_files(workdir: str, input_path: str, output_dir: str, step=None) -> list:
-  """Label maps for new scans, as NIfTI with exactly each input's affine, shape and axes.
-
-  Each input is prepared as the training cases were (reorientation, resampling, crop,
-  normalisation), predicted by sliding window with the selected (or given) checkpoint, and
-  mapped back onto its own grid.
-  """
-  from medjax.data import layouts
-  from medjax.train import restore_workdir
-  inputs = layouts.list_files(input_path, layouts.NIFTI_SUFFIXES)
-  exp, state, _ = restore_workdir(workdir, step)
-  if exp.task != 'segmentation':
-    raise ValueError(f'{workdir} holds a {exp.task} model; predict writes segmentations')
-  if exp.data.prepared.spatial_dims != 3:
-    raise ValueError('predict writes NIfTI and needs a model trained on NIfTI volumes')
-  os.makedirs(output_dir, exist_ok=True)
-  written = []
-  for path in inputs:
-    image, record = prepare.prepare_image(path, exp.data.prepared.resolved_options(),
-                                          exp.data.prepared.target_spacing)
-    labels = np.argmax(exp.predict_prepared(state, image), axis=-1).astype(np.uint8)
-    labels = prepare.restore_original_grid(labels, record)
-    name = layouts.strip_suffix(os.path.basename(path)) + '.nii.gz'
-    target = os.path.join(output_dir, name)
-    nifti.save_like(labels, nifti.read_volume(path, 'image'), target)
-    written.append(target)
-  return written

@@ -1,0 +1,192 @@
+"""What every task shares: the train state, the mesh, the model, the optimizer and the one
+jit-compiled, data-parallel train step; and the interface a task implements.
+
+Parallelism: one mesh axis ``'data'`` over all devices (of all processes). Batches are split
+along it; parameters, batch statistics and optimizer state are replicated. The same code
+runs on 1 CPU, 8 simulated devices, a GPU or a multi-host TPU slice.
+
+A task is a subclass of :class:`Experiment` that, in its constructor, loads its data and
+calls :meth:`Experiment.setup` with its model's output count, input shape and epoch length,
+and implements:
+
+==========================  ===============================================================
+``loss(outputs, labels)``   the scalar training loss of a batch (pure, traced inside the
+                            jit-compiled train step)
+``train_iterator(start)``   ``(images, labels)`` numpy batches of this process from step
+                            ``start`` on, deterministic from the seed
+``evaluate(state, split)``  ``(metrics dict, predictions)`` of a split
+``save_predictions(...)``   writes a split's predictions into the workdir
+``write_run_files(wd)``     files describing the data (``data_fingerprint.json``, ...)
+``describe()``              one line about the data, printed when training starts
+``eval_splits``             splits scored into ``results.json`` (class attribute)
+``available_splits``        splits ``medjax evaluate`` accepts
+``headline_metrics(m)``     the keys of a split's metrics the CLI and reports show
+``dataset_name``            the name ``results.json`` records
+``class_names``             one name per class (or label)
+==========================  ===============================================================
+
+and registers itself with :func:`medjax.experiments.register_task`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Sequence, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from medjax import optim
+from medjax.models import build_model, summary as model_summary_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree of arrays (checkpointed whole)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  dropout_key: jax.Array
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+class Experiment:
+  """A config bound to its data, model, optimizer, mesh and compiled train step."""
+
+  task: str = ''                                # set by the task (or its constructor)
+  eval_splits: Tuple[str, ...] = ('val', 'test')
+  available_splits: Tuple[str, ...] = ('train', 'val', 'test')
+  dataset_name: str = ''
+  class_names: Sequence[str] = ()
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def setup(self, num_outputs: int, input_shape: Sequence[int], steps_per_epoch: int) -> None:
+    """Builds the model, optimizer, schedule, mesh and the compiled train step."""
+    config = self.config
+    self.num_outputs = num_outputs
+    self.input_shape = tuple(input_shape)
+    model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+    model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
+    try:
+      self.model = build_model(config.model.name, num_outputs, **model_kwargs)
+    except ValueError as e:
+      raise ValueError(f'{e} (model options come from the config section model.*; after '
+                       'changing model.name, set that section for the new model)') from None
+    self.global_batch = config.train.batch_size
+    self.steps_per_epoch = steps_per_epoch
+    self.total_steps = config.train.num_epochs * self.steps_per_epoch
+    self.schedule = optim.make_schedule(config.optimizer, self.steps_per_epoch,
+                                        self.total_steps)
+    self.tx = optim.make_optimizer(config.optimizer, self.schedule)
+
+    devices = np.array(jax.devices())
+    for name, batch in (('train.batch_size', self.global_batch),
+                        ('train.eval_batch_size', config.train.eval_batch_size)):
+      if batch % devices.size:
+        raise ValueError(f'{name}={batch} is not divisible by the {devices.size} devices')
+    self.mesh = Mesh(devices, ('data',))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    self._train_step = jax.jit(self._train_step_impl,
+                               in_shardings=(self.replicated, self.batch_sharding,
+                                             self.batch_sharding),
+                               out_shardings=(self.replicated, self.replicated),
+                               donate_argnums=0)
+
+  # ----- the interface a task implements -----------------------------------------------
+  def loss(self, outputs, labels) -> jax.Array:
+    """Scalar training loss of a batch of model outputs and labels."""
+    raise NotImplementedError
+
+  def train_iterator(self, start_step: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    raise NotImplementedError
+
+  def evaluate(self, state: TrainState, split: str) -> Tuple[Dict[str, Any], Any]:
+    raise NotImplementedError
+
+  def save_predictions(self, workdir: str, split: str, predictions) -> None:
+    raise NotImplementedError
+
+  def write_run_files(self, workdir: str) -> None:
+    raise NotImplementedError
+
+  def describe(self) -> str:
+    raise NotImplementedError
+
+  def headline_metrics(self, metrics: Dict[str, Any]) -> list:
+    """The keys of a split's ``metrics`` that the CLI, ``results.json`` and the reports
+    show (default: every scalar, sorted)."""
+    return sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+
+  # ----- state -------------------------------------------------------------------------
+  def _init_impl(self, key: jax.Array) -> TrainState:
+    init_key, dropout_key = jax.random.split(key)
+    dummy = jnp.zeros((1,) + self.input_shape, jnp.float32)
+    variables = self.model.init({'params': init_key}, dummy, train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=self.tx.init(params), dropout_key=dropout_key)
+
+  def init_state(self) -> TrainState:
+    """Fresh state, created directly on the replicated sharding (no host copy to alias)."""
+    key = jax.random.PRNGKey(self.config.seed)
+    return jax.jit(self._init_impl, out_shardings=self.replicated)(key)
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state (what a checkpoint is restored into)."""
+    shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+
+  def variables(self, state: TrainState) -> Dict[str, Any]:
+    """The model's variables (params, batch statistics) in a state, for ``model.apply``."""
+    variables = {'params': state.params}
+    if jax.tree.leaves(state.batch_stats):
+      variables['batch_stats'] = state.batch_stats
+    return variables
+
+  def model_summary(self, state: TrainState) -> Dict[str, Any]:
+    """Parameters, FLOPs per example and the layer table (:mod:`medjax.models.summary`)."""
+    summary = model_summary_lib.model_summary(self.model, self.variables(state),
+                                              self.input_shape)
+    summary['name'] = self.config.model.name
+    return summary
+
+  # ----- the train step ----------------------------------------------------------------
+  def _train_step_impl(self, state: TrainState, images, labels):
+    dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+
+    def loss_fn(params):
+      variables = self.variables(state.replace(params=params))
+      has_bn = 'batch_stats' in variables
+      outputs, updates = self.model.apply(
+          variables, images, train=True, rngs={'dropout': dropout_key},
+          mutable=['batch_stats'] if has_bn else [])
+      return self.loss(outputs, labels), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=updates.get('batch_stats', state.batch_stats),
+                              opt_state=opt_state)
+    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+  def global_array(self, local: np.ndarray) -> jax.Array:
+    """This process's rows of a batch -> the global batch array, split over ``'data'``."""
+    return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+  def train_step(self, state: TrainState, images: np.ndarray, labels: np.ndarray):
+    """One optimizer step on a batch (this process's rows); returns (state, metrics)."""
+    return self._train_step(state, self.global_array(images), self.global_array(labels))

@@ -1,0 +1,160 @@
+"""Classification (binary, multi-class, ordinal, multi-label): whole images in, one score per
+class out; MedMNIST, the embedded synthetic dataset, or a folder of images.
+
+* data: :func:`medjax.data.load_data` (``data.name``); tf.data batches from
+  :mod:`medjax.data.pipeline` (normalised ``(x / pixel_max - mean) / std``, augmented,
+  shuffled per epoch from the seed);
+* loss: cross-entropy or focal (:mod:`medjax.losses`), optional class weights and label
+  smoothing; the head's logits become scores per :mod:`medjax.tasks`;
+* evaluation: AUC, accuracy, sensitivity, specificity, ... (:mod:`medjax.metrics`) of val
+  and test; ``predictions_<split>.npz`` holds every example's scores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from medjax import losses, metrics as metrics_lib, tasks, workdir as workdir_lib
+from medjax.data import ClassificationData, load_data, pipeline
+from medjax.experiments.base import Experiment, TrainState
+
+# What the CLI table, results.json's headline_metrics and the reports show, in this order.
+HEADLINE_METRICS = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'f1',
+                    'ece', 'loss')
+
+
+def resolve_task(task: str, data: ClassificationData) -> str:
+  """``config.task`` checked against the dataset's labels (``'auto'``: the dataset's own)."""
+  if task == 'auto':
+    return data.task
+  tasks.check_task(task)
+  compatible = {
+      'binary': ('binary',), 'multiclass': ('binary', 'multiclass', 'ordinal'),
+      'ordinal': ('binary', 'multiclass', 'ordinal'), 'multilabel': ('multilabel',)}
+  if data.task not in compatible[task]:
+    raise ValueError(f"task '{task}' does not fit dataset {data.name}, whose labels are "
+                     f"{data.task}")
+  return task
+
+
+def save_predictions(workdir: str, split: str, predictions: Dict[str, np.ndarray],
+                     class_names) -> None:
+  """``predictions_<split>.npz``: index, labels, scores ``[N, K]`` and the class names."""
+  if not workdir_lib.is_main():
+    return
+  np.savez(os.path.join(workdir, f'predictions_{split}.npz'), index=predictions['index'],
+           labels=predictions['labels'], scores=predictions['scores'],
+           class_names=np.array(class_names))
+
+
+class ClassificationExperiment(Experiment):
+  """A classification config bound to its data, model and compiled steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               data: Optional[ClassificationData] = None):
+    super().__init__(config)
+    self.data = data if data is not None else load_data(config)
+    self.task = resolve_task(config.task, self.data)
+    self.dataset_name = self.data.name
+    self.class_names = list(self.data.class_names)
+    if config.train.steps_per_epoch:
+      raise ValueError('train.steps_per_epoch applies to segmentation; a classification epoch '
+                       'is one pass over the training split')
+    train_labels = self.data.splits['train'][1]
+    self.class_weights = losses.parse_class_weights(
+        config.loss.class_weights, train_labels, self.data.num_classes, self.task)
+    if config.loss.name not in ('ce', 'focal'):
+      raise ValueError(f"unknown loss.name '{config.loss.name}'; expected 'ce' or 'focal'")
+    self.setup(num_outputs=tasks.num_outputs(self.task, self.data.num_classes),
+               input_shape=self.data.image_shape,
+               steps_per_epoch=pipeline.steps_per_epoch(len(train_labels),
+                                                        config.train.batch_size))
+    self._eval_step = jax.jit(self._eval_step_impl,
+                              in_shardings=(self.replicated, self.batch_sharding,
+                                            self.batch_sharding),
+                              out_shardings=(self.replicated, self.replicated))
+
+  @property
+  def available_splits(self):
+    return tuple(self.data.splits)
+
+  def describe(self) -> str:
+    return self.data.summary()
+
+  def headline_metrics(self, metrics: Dict[str, Any]) -> list:
+    return [k for k in HEADLINE_METRICS if k in metrics]
+
+  def write_run_files(self, workdir: str) -> None:
+    """``data_fingerprint.json``: what the data was (name, shapes, counts, hashes)."""
+    workdir_lib.write_json(os.path.join(workdir, 'data_fingerprint.json'),
+                           self.data.fingerprint())
+
+  def save_predictions(self, workdir: str, split: str, predictions) -> None:
+    save_predictions(workdir, split, predictions, self.data.class_names)
+
+  def preprocess(self, images: np.ndarray) -> np.ndarray:
+    """Raw images ``[B, *spatial, C]`` (0..pixel_max) -> what the model sees."""
+    cfg = self.config.data
+    return ((np.asarray(images, np.float32) / self.data.pixel_max - cfg.mean)
+            / cfg.std).astype(np.float32)
+
+  # ----- loss and steps ----------------------------------------------------------------
+  def _per_example_loss(self, logits, labels):
+    return losses.classification_loss(
+        self.task, logits, labels, name=self.config.loss.name,
+        class_weights=self.class_weights, focal_gamma=self.config.loss.focal_gamma,
+        label_smoothing=self.config.loss.label_smoothing)
+
+  def loss(self, outputs, labels):
+    per_example, weights = self._per_example_loss(outputs, labels)
+    return losses.weighted_mean(per_example, weights)
+
+  def _eval_step_impl(self, state: TrainState, images, labels):
+    logits = self.model.apply(self.variables(state), images, train=False)
+    per_example, weights = self._per_example_loss(logits, labels)
+    return tasks.scores_from_logits(self.task, logits), per_example * weights
+
+  # ----- data --------------------------------------------------------------------------
+  def train_iterator(self, start_step: int):
+    images, labels = self.data.splits['train']
+    cfg = self.config.data
+    return pipeline.train_batches(
+        images, labels, global_batch=self.global_batch, seed=self.config.seed,
+        start_step=start_step, num_steps=self.total_steps, pixel_max=self.data.pixel_max,
+        mean=cfg.mean, std=cfg.std, augment=cfg.augment,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        class_balanced=cfg.class_balanced)
+
+  def predict(self, state: TrainState, split: str) -> Dict[str, np.ndarray]:
+    """Scores of every example of ``split``, in dataset order, plus the per-example loss."""
+    images, labels = self.data.splits[split]
+    cfg = self.config.data
+    batches = pipeline.eval_batches(
+        images, labels, global_batch=self.config.train.eval_batch_size,
+        pixel_max=self.data.pixel_max, mean=cfg.mean, std=cfg.std,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    all_scores, all_losses, all_masks = [], [], []
+    for batch_images, batch_labels, global_mask in batches:
+      scores, loss = self._eval_step(state, self.global_array(batch_images),
+                                     self.global_array(batch_labels))
+      # Outputs are replicated: every process holds the whole global batch.
+      all_scores.append(np.asarray(scores.addressable_data(0)))
+      all_losses.append(np.asarray(loss.addressable_data(0)))
+      all_masks.append(global_mask)
+    mask = np.concatenate(all_masks).astype(bool)
+    scores = np.concatenate(all_scores)[mask]
+    per_example_loss = np.concatenate(all_losses)[mask]
+    return {'index': np.arange(len(labels)), 'labels': labels, 'scores': scores,
+            'loss': per_example_loss}
+
+  def evaluate(self, state: TrainState, split: str) -> tuple[Dict[str, Any], Dict]:
+    predictions = self.predict(state, split)
+    result = metrics_lib.classification_metrics(self.task, predictions['labels'],
+                                                predictions['scores'])
+    result['loss'] = float(np.mean(predictions['loss']))
+    return result, predictions

@@ -1,0 +1,166 @@
+"""The workdir contract: which files a run writes, and the one way each is written.
+
+A workdir holds (see README, "Workdir"):
+
+==========================  ==================================================================
+``config.json``             the resolved config (``medjax train --config DIR/config.json``
+                            repeats the run)
+``command.json``            how the run was started: argv, cwd, host, git commit, time
+``data_fingerprint.json``   what the data was (the task writes it; segmentation adds
+                            ``split.json``)
+``model_summary.{json,txt}``  parameters, FLOPs per example, the layer table
+``metrics.jsonl``           one JSON record per logged train interval and per validation
+``checkpoints/``            Orbax checkpoints (latest N plus the best by the selection metric)
+``results.json``            the selected checkpoint's metrics, versions, run info
+``predictions_<split>*``    the task's predictions of each scored split
+``eval_<split>.json``       ``medjax evaluate``'s result
+``plots/``, ``tensorboard/``  figures and scalars
+==========================  ==================================================================
+
+Only process 0 of a multi-host run writes. JSON is written atomically (temporary file, then
+rename), so a kill never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+import medjax
+from medjax import config as config_lib
+
+
+def is_main() -> bool:
+  """True on the process that writes the workdir (process 0)."""
+  return jax.process_index() == 0
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (process 0 only)."""
+  if not is_main():
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, allow_nan=True, default=list)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, 'config.json')
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Saves the resolved config; a note when it differs from the one already there."""
+  path = config_path(workdir)
+  if os.path.exists(path) and config_lib.from_json_file(path) != config:
+    print(f'note: config differs from {path}; the new config is used and saved')
+  write_json(path, config.to_dict())
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} has no config.json; is it a medjax workdir?')
+  return config_lib.from_json_file(path)
+
+
+def versions() -> Dict[str, str]:
+  import orbax.checkpoint
+  import tensorflow as tf
+  return {'medjax': medjax.__version__, 'jax': jax.__version__, 'jaxlib': jax.lib.__version__,
+          'flax': flax.__version__, 'optax': optax.__version__,
+          'orbax_checkpoint': orbax.checkpoint.__version__, 'tensorflow': tf.__version__,
+          'numpy': np.__version__, 'python': platform.python_version()}
+
+
+def run_command() -> Dict[str, Any]:
+  """How this process was started: argv, working directory, host, and medjax's git commit
+  when it runs from a checkout."""
+  commit = ''
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                            timeout=5, cwd=os.path.dirname(os.path.abspath(medjax.__file__))
+                            ).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return {'argv': list(sys.argv), 'cwd': os.getcwd(), 'host': platform.node(),
+          'git_commit': commit, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+
+
+def scalars(metrics: Dict[str, Any]) -> Dict[str, float]:
+  """The scalar entries of a metrics dict (what the log and the checkpoint metadata keep)."""
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class MetricsLog:
+  """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = is_main()
+    self.writer = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):
+      # Drop records written after the checkpoint we resume from: they are redone.
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(self.path, 'w') as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # slow import, only when a run writes
+    self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, record: Dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record, sort_keys=True) + '\n')
+    for key, value in record.items():
+      if key not in ('step', 'split') and isinstance(value, (int, float)) and np.isfinite(value):
+        self.writer.add_scalar(f"{record['split']}/{key}", value, global_step=record['step'])
+    self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def selected_step(manager, workdir: str, step: Optional[int] = None) -> int:
+  """``step`` if given, else the best checkpoint by the selection metric (else the latest)."""
+  if step is not None:
+    if step not in manager.all_steps():
+      raise ValueError(f'no checkpoint at step {step}; available: {manager.all_steps()}')
+    return step
+  selected = manager.best_step()
+  if selected is None:
+    selected = manager.latest_step()
+  if selected is None:
+    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
+  return selected
+
+
+def write_plots(workdir: str, splits=('val', 'test')) -> None:
+  """The workdir's figures (:func:`medjax.plots.write_run_plots`); a plotting failure is
+  reported but never costs the run's results, which are written before."""
+  if not is_main():
+    return
+  from medjax import plots  # matplotlib: only when figures are drawn
+  try:
+    written = plots.write_run_plots(workdir, splits)
+  except Exception as e:  # noqa: BLE001
+    print(f'warning: could not draw the plots of {workdir}: {type(e).__name__}: {e}')
+    return
+  if written:
+    print(f"plots: {', '.join(sorted(written))} in {os.path.join(workdir, 'plots')}")
