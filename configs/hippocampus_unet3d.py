@@ -23,6 +23,8 @@ import os
 
 import ml_collections
 
+from medjax import config as config_lib
+
 DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
                                      'shared', 'data', 'msd_hippocampus'))
 
@@ -45,20 +47,22 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                  eval_every_epochs=50, log_every_steps=50, selection_metric='dice',
                  selection_mode='max', keep_checkpoints=1)
   c.inference = dict(overlap=0.5, blend='gaussian')
-  if arg == 'cpu':
-    # What a 2-core CPU can train in ~30 minutes: a 2D U-Net on sagittal (axis-0) slices,
-    # one third centred on foreground; validation still segments whole volumes.
-    c.data.update(slice_axis=0, patch_size=(56, 40), skip_empty_slices=False)
-    c.model.update(features=(16, 32, 64, 128))
-    c.optimizer.update(name='adam', learning_rate=3e-3, momentum=0.9, nesterov=False,
-                       weight_decay=0.0)
-    c.train.update(num_epochs=40, steps_per_epoch=50, batch_size=16, eval_batch_size=16,
-                   eval_every_epochs=10, log_every_steps=25)
-  elif arg == 'runlocal':
-    c.data.update(max_cases=6, num_folds=3, patch_size=(16, 16, 16))
-    c.model.update(features=(4, 8), strides=(1, 2))
-    c.train.update(num_epochs=2, steps_per_epoch=3, batch_size=2, eval_batch_size=2,
-                   eval_every_epochs=1, log_every_steps=1, progress_bar=False)
-  elif arg:
-    raise ValueError(f"unknown config argument '{arg}'; expected '', 'cpu' or 'runlocal'")
-  return c
+  return config_lib.apply_variant(c, arg, cpu=_cpu, runlocal=_runlocal)
+
+
+def _cpu(c: ml_collections.ConfigDict) -> None:
+  # What a 2-core CPU can train in ~30 minutes: a 2D U-Net on sagittal (axis-0) slices,
+  # one third centred on foreground; validation still segments whole volumes.
+  c.data.update(slice_axis=0, patch_size=(56, 40), skip_empty_slices=False)
+  c.model.update(features=(16, 32, 64, 128))
+  c.optimizer.update(name='adam', learning_rate=3e-3, momentum=0.9, nesterov=False,
+                     weight_decay=0.0)
+  c.train.update(num_epochs=40, steps_per_epoch=50, batch_size=16, eval_batch_size=16,
+                 eval_every_epochs=10, log_every_steps=25)
+
+
+def _runlocal(c: ml_collections.ConfigDict) -> None:
+  c.data.update(max_cases=6, num_folds=3, patch_size=(16, 16, 16))
+  c.model.update(features=(4, 8), strides=(1, 2))
+  c.train.update(num_epochs=2, steps_per_epoch=3, batch_size=2, eval_batch_size=2,
+                 eval_every_epochs=1, log_every_steps=1, progress_bar=False)

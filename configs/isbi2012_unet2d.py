@@ -21,6 +21,8 @@ import os
 
 import ml_collections
 
+from medjax import config as config_lib
+
 DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
                                      'shared', 'data', 'isbi2012_em_membrane'))
 
@@ -42,17 +44,19 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.train = dict(num_epochs=100, steps_per_epoch=100, batch_size=8, eval_batch_size=8,
                  eval_every_epochs=10, log_every_steps=50, selection_metric='dice',
                  selection_mode='max', keep_checkpoints=1)
-  if arg == 'cpu':
-    # What a 2-core CPU trains in ~10 minutes.
-    c.data.patch_size = (128, 128)
-    c.model.update(features=(16, 32, 64, 128), strides=(1, 2, 2, 2))
-    c.train.update(num_epochs=16, steps_per_epoch=25, batch_size=8, eval_every_epochs=4,
-                   log_every_steps=25)
-  elif arg == 'runlocal':
-    c.data.update(max_cases=6, num_folds=3, patch_size=(64, 64))
-    c.model.update(features=(4, 8), strides=(1, 2), deep_supervision=False)
-    c.train.update(num_epochs=2, steps_per_epoch=2, batch_size=2, eval_batch_size=4,
-                   eval_every_epochs=1, log_every_steps=1, progress_bar=False)
-  elif arg:
-    raise ValueError(f"unknown config argument '{arg}'; expected '', 'cpu' or 'runlocal'")
-  return c
+  return config_lib.apply_variant(c, arg, cpu=_cpu, runlocal=_runlocal)
+
+
+def _cpu(c: ml_collections.ConfigDict) -> None:
+  # What a 2-core CPU trains in ~10 minutes.
+  c.data.patch_size = (128, 128)
+  c.model.update(features=(16, 32, 64, 128), strides=(1, 2, 2, 2))
+  c.train.update(num_epochs=16, steps_per_epoch=25, batch_size=8, eval_every_epochs=4,
+                 log_every_steps=25)
+
+
+def _runlocal(c: ml_collections.ConfigDict) -> None:
+  c.data.update(max_cases=6, num_folds=3, patch_size=(64, 64))
+  c.model.update(features=(4, 8), strides=(1, 2), deep_supervision=False)
+  c.train.update(num_epochs=2, steps_per_epoch=2, batch_size=2, eval_batch_size=4,
+                 eval_every_epochs=1, log_every_steps=1, progress_bar=False)

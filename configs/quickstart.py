@@ -10,6 +10,8 @@ Three classes (normal tissue / benign mass / malignant spiculated mass) on 32 px
 
 import ml_collections
 
+from medjax import config as config_lib
+
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -19,9 +21,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.optimizer = dict(name='adam', learning_rate=2e-3, schedule='cosine', warmup_epochs=1)
   c.train = dict(num_epochs=15, batch_size=64, eval_batch_size=200, log_every_steps=10,
                  selection_metric='auc')
-  if arg == 'runlocal':
-    c.data.synthetic = dict(num_train=256, num_val=64, num_test=64)
-    c.train.update(num_epochs=2, batch_size=32, eval_batch_size=32, progress_bar=False)
-  elif arg:
-    raise ValueError(f"unknown config argument '{arg}'; expected '' or 'runlocal'")
-  return c
+  return config_lib.apply_variant(c, arg, runlocal=_runlocal)
+
+
+def _runlocal(c: ml_collections.ConfigDict) -> None:
+  c.data.synthetic = dict(num_train=256, num_val=64, num_test=64)
+  c.train.update(num_epochs=2, batch_size=32, eval_batch_size=32, progress_bar=False)

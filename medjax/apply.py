@@ -83,10 +83,8 @@ def load_classifier_input(path: str, input_shape: Sequence[int]) -> Tuple[np.nda
     image = np.load(path).astype(np.float32)
     if image.ndim == len(spatial):
       image = image[..., None]
-  elif lower.endswith(layouts.NIFTI_SUFFIXES):
-    image = nifti.read_volume(path, 'image').array[..., None]
   else:
-    image = layouts.read_image_2d(path, 'image')
+    image, _ = layouts.read_array(path, 'image')
   if image.ndim != len(spatial) + 1:
     raise ValueError(f'{path}: a {image.ndim - 1}D image, the model takes {len(spatial)}D '
                      f'inputs of shape {spatial}')

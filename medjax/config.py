@@ -15,7 +15,7 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -194,6 +194,24 @@ def _coerce(path: str, current: Any, value: Any) -> Any:
       f"({type(value).__name__})")
 
 
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None,
+                  **variants: Callable[[ml_collections.ConfigDict], None]
+                  ) -> ml_collections.ConfigDict:
+  """Applies the variant ``arg`` of ``configs/NAME.py:arg`` (``runlocal``, ``cpu``, ...):
+  each variant is a function that edits the config in place; no argument, no variant.
+
+    def get_config(arg=None):
+      c = ...
+      return config_lib.apply_variant(c, arg, runlocal=_runlocal)
+  """
+  if arg:
+    if arg not in variants:
+      raise ConfigError(f"unknown config argument '{arg}'; this config has "
+                        f"{', '.join(sorted(variants)) or 'no variants'} (or none)")
+    variants[arg](config)
+  return config
+
+
 def resolve(config: Any) -> ml_collections.ConfigDict:
   """Merges a (partial) config onto :func:`default_config`, rejecting unknown keys."""
   base = default_config()
@@ -221,9 +239,8 @@ exactly), and returns its resolved config."""
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path} has no get_config() function')
-  config = module.get_config(arg) if arg else module.get_config()
   try:
-    return resolve(config)
+    return resolve(module.get_config(arg) if arg else module.get_config())
   except ConfigError as e:
     raise ConfigError(f'{path}: {e}') from None
 

@@ -6,6 +6,8 @@ import os
 
 import ml_collections
 
+from medjax import config as config_lib
+
 # Where the repository's real MedMNIST files live (the README of ../shared/data).
 SHARED_MEDMNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                '..', 'shared', 'data', 'medmnist')
@@ -30,13 +32,13 @@ def medmnist_paper(flag: str, is_3d: bool, arg: str = '') -> ml_collections.Conf
   c.train = dict(num_epochs=100, batch_size=32 if is_3d else 128,
                  eval_batch_size=64 if is_3d else 256, log_every_steps=50,
                  selection_metric='auc', selection_mode='max', keep_checkpoints=1)
-  if arg == 'runlocal':
+
+  def _runlocal(c: ml_collections.ConfigDict) -> None:
     # XLA's CPU 3D convolutions are slow: the 3D variant is smaller still.
     c.data.max_examples = 32 if is_3d else 64
     c.model.width = 4 if is_3d else 8
     c.optimizer.milestones_epochs = (1,)
     c.train.update(num_epochs=2, batch_size=8 if is_3d else 16,
                    eval_batch_size=16 if is_3d else 32, progress_bar=False)
-  elif arg:
-    raise ValueError(f"unknown config argument '{arg}'; expected '' or 'runlocal'")
-  return c
+
+  return config_lib.apply_variant(c, arg, runlocal=_runlocal)

@@ -67,3 +67,19 @@ def test_cli_unknown_key_exits_2_with_message(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert "unknown config key 'train.num_epoch' (did you mean 'num_epochs'?)" in proc.stderr
+
+
+def test_config_variants_are_one_helper_and_unknown_ones_name_the_file():
+  local = config_lib.load_config_file('configs/isbi2012_unet2d.py:runlocal')
+  cpu = config_lib.load_config_file('configs/isbi2012_unet2d.py:cpu')
+  full = config_lib.load_config_file('configs/isbi2012_unet2d.py')
+  assert (local.train.num_epochs, cpu.train.num_epochs, full.train.num_epochs) == (2, 16, 100)
+  assert tuple(cpu.data.patch_size) == (128, 128)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"configs/quickstart.py: unknown config argument 'cpu'; this config "
+                           r"has runlocal \(or none\)"):
+    config_lib.load_config_file('configs/quickstart.py:cpu')
+  edited = config_lib.apply_variant(config_lib.default_config(), 'small',
+                                    small=lambda c: c.train.update(num_epochs=1))
+  assert edited.train.num_epochs == 1
+  assert config_lib.apply_variant(config_lib.default_config(), '').train.num_epochs == 10

@@ -290,3 +290,27 @@ def test_2d_folder_problems_and_empty_dataset(tmp_path):
   assert any('b.png: corrupt or unreadable image' in p for p in report['problems'])
   with pytest.raises(ValueError, match='no dataset.json and no image/label folders'):
     layouts.find_cases(str(tmp_path / 'images'))
+
+
+def test_read_array_decides_2d_or_3d_by_suffix(oblique_pair, tmp_path):
+  from PIL import Image
+  image_path, label_path = oblique_pair[:2]
+  image, spacing = layouts.read_array(image_path, 'image')
+  reference = nib.load(image_path)
+  np.testing.assert_allclose(image[..., 0], reference.get_fdata(), rtol=1e-6)
+  assert image.shape == reference.shape + (1,)
+  np.testing.assert_allclose(spacing, nib.affines.voxel_sizes(reference.affine), rtol=1e-6)
+  label, _ = layouts.read_array(label_path, 'label', num_classes=3)
+  assert label.shape == reference.shape and label.dtype == np.int32
+  rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  Image.fromarray(rgb).save(tmp_path / 'x.png')
+  Image.fromarray(np.where(rgb[..., 0] > 127, 255, 0).astype(np.uint8)).save(tmp_path / 'y.png')
+  image2d, spacing2d = layouts.read_array(str(tmp_path / 'x.png'))
+  np.testing.assert_array_equal(image2d, rgb.astype(np.float32))
+  assert spacing2d == (1.0, 1.0)
+  label2d, _ = layouts.read_array(str(tmp_path / 'y.png'), 'label')
+  np.testing.assert_array_equal(label2d, (rgb[..., 0] > 127).astype(np.int32))
+  (tmp_path / 'z.mha').write_bytes(b'')
+  with pytest.raises(nifti.VolumeError, match=r'z\.mha: unknown image format; expected one of '
+                                              r'\.nii\.gz'):
+    layouts.read_array(str(tmp_path / 'z.mha'))

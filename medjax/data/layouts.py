@@ -154,6 +154,29 @@ def read_image_2d(path: str, kind: str = 'image', label_values: Sequence[int] = 
   return array.astype(np.int32)
 
 
+def read_array(path: str, kind: str = 'image', num_classes: Optional[int] = None,
+               label_values: Sequence[int] = ()) -> Tuple[np.ndarray, Tuple[float, ...]]:
+  """Any image or label file as ``(array, spacing)``, 2D or 3D decided here by the suffix.
+  Images come with a channel axis ``[*spatial, C]``, label maps without ``[*spatial]``:
+
+  * NIfTI (``.nii``, ``.nii.gz``): the volume's voxel axes as stored, ``[X, Y, Z(, 1)]`` (the
+    affine is :func:`nifti.read_volume`'s business), spacing in mm per axis;
+  * PNG/TIFF/JPEG/BMP: ``[H, W(, C)]``, spacing ``(1.0, 1.0)``: 2D formats carry none, so
+    distances are in pixels.
+
+  Labels are validated (integral, within ``num_classes``; ``label_values`` map stored values
+  to classes); a bad file raises ``nifti.VolumeError`` naming it.
+  """
+  if path.lower().endswith(NIFTI_SUFFIXES):
+    volume = nifti.read_volume(path, kind, num_classes, label_values)
+    array = volume.array[..., None] if kind == 'image' else volume.array
+    return array, tuple(float(s) for s in volume.spacing)
+  if path.lower().endswith(IMAGE_SUFFIXES):
+    return read_image_2d(path, kind, label_values), (1.0, 1.0)
+  raise nifti.VolumeError(f"{path}: unknown image format; expected one of "
+                          f"{', '.join(NIFTI_SUFFIXES + IMAGE_SUFFIXES)}")
+
+
 def read_pair_2d(case: Case, label_values: Sequence[int] = ()) -> Tuple[np.ndarray, np.ndarray]:
   """Image ``[H, W, C]`` and label ``[H, W]`` of a 2D case; their shapes must agree."""
   image = read_image_2d(case.image, 'image')

@@ -240,13 +240,8 @@ class SegmentationExperiment(Experiment):
     for case_id in self.data.splits[split]:
       record = self.data.prepared.records[case_id]
       prediction = self.predict_case(state, case_id)
-      if self.data.prepared.spatial_dims == 3:
-        reference = nifti.read_volume(record['label'], 'label', self.num_classes,
-                                      self.label_values)
-        ref_array, spacing = reference.array, reference.spacing
-      else:
-        ref_array = layouts.read_image_2d(record['label'], 'label', self.label_values)
-        spacing = (1.0, 1.0)  # 2D images carry no spacing: distances in pixels
+      ref_array, spacing = layouts.read_array(record['label'], 'label', self.num_classes,
+                                              self.label_values)
       per_case[case_id] = seg_metrics.segmentation_metrics(prediction, ref_array,
                                                            self.num_classes, spacing)
       predictions[case_id] = prediction
