@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument('--config', required=True,
                      help='config file, optionally with an argument: configs/x.py[:runlocal]')
   train.add_argument('--workdir', required=True, help='directory for checkpoints and results')
+  train.add_argument('--allow_change', action='append', default=[], metavar='KEY',
+                     help='resume with a new value of KEY (train.num_epochs, '
+                          'train.eval_every_epochs, train.log_every_steps or '
+                          'train.keep_checkpoints); recorded in config_history.jsonl')
   multihost = train.add_argument_group(
       'multi-host', 'start one process per host with the same command; on Cloud TPU and SLURM '
       'use --distributed alone (addresses are detected)')
@@ -144,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   from medjax import train as train_lib
   try:
     if args.command == 'train':
-      results = train_lib.train_and_evaluate(config, args.workdir)
+      results = train_lib.train_and_evaluate(config, args.workdir, args.allow_change)
       if 'val' in results:
         _print_metrics(results)
     else:

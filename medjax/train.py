@@ -13,9 +13,10 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -47,6 +48,22 @@ class Cadence:
     return requested or (self.stop_at is not None and step >= self.stop_at)
 
 
+class LossBlowup:
+  """Warns once when the logged train loss reaches ``factor`` times its first logged value
+  in this invocation: a learning rate that wrecks the model without a NaN."""
+
+  def __init__(self, factor: float = 10.0):
+    self.factor, self.first, self.warned = factor, None, False
+
+  def check(self, step: int, loss: float) -> None:
+    if self.first is None:
+      self.first = loss
+    elif not self.warned and loss > self.factor * max(self.first, 1e-8):
+      self.warned = True
+      print(f'warning: train loss {loss:.4g} at step {step} is over {self.factor:g}x its first '
+            f'logged value {self.first:.4g}; the learning rate may be too high')
+
+
 @contextlib.contextmanager
 def preemption_flag():
   """``{'requested': bool}`` set by SIGTERM, so the loop saves at the next step and exits.
@@ -65,12 +82,30 @@ def preemption_flag():
       signal.signal(signal.SIGTERM, previous)
 
 
+def _diverged(what: str, manager, workdir: str) -> TrainingDiverged:
+  latest = manager.latest_step()
+  where = (f'The last good checkpoint is step {latest} in {os.path.join(workdir, "checkpoints")}'
+           if latest is not None else 'No checkpoint was saved')
+  return TrainingDiverged(f'{what}; stopping. {where} (lower optimizer.learning_rate or set '
+                          'optimizer.grad_clip_norm).')
+
+
 def _check_finite(losses: np.ndarray, step: int, manager, workdir: str) -> None:
   if not np.all(np.isfinite(losses)):
-    raise TrainingDiverged(
-        f'loss became NaN or infinite at or before step {step}; stopping. The last good '
-        f'checkpoint is step {manager.latest_step()} in {os.path.join(workdir, "checkpoints")} '
-        '(lower optimizer.learning_rate or set optimizer.grad_clip_norm).')
+    raise _diverged(f'loss became NaN or infinite at or before step {step}', manager, workdir)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _check_params(state, step: int, manager, workdir: str) -> None:
+  """Before evaluating and saving: the last update can break the parameters while every
+  loss so far was finite; such a state is never evaluated or saved."""
+  if not bool(_all_finite(state.params)):
+    raise _diverged(f'parameters became NaN or infinite at step {step} (not saved)', manager,
+                    workdir)
 
 
 def _start(exp: Experiment, manager, workdir: str):
@@ -92,21 +127,24 @@ def _start(exp: Experiment, manager, workdir: str):
   return state, 0, []
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_change: Sequence[str] = ()) -> Dict[str, Any]:
   """Trains, selects the best checkpoint by the validation metric, scores it on the task's
   evaluation splits and writes the workdir files. Returns ``results.json``'s content (or
-  ``{'stopped_at_step': N}`` when stopped early by ``train.stop_after_steps`` or SIGTERM)."""
+  ``{'stopped_at_step': N}`` when stopped early by ``train.stop_after_steps`` or SIGTERM).
+
+  Resuming needs the config and data the workdir was trained with; ``allow_change`` names
+  keys that may differ (``workdir.CHANGEABLE_ON_RESUME``, e.g. ``train.num_epochs``).
+  """
   start_time = time.time()
   config = config_lib.resolve(config)
   os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_config(workdir, config)
   exp = make_experiment(config)
-  if workdir_lib.is_main():
-    exp.write_run_files(workdir)
-  workdir_lib.write_json(os.path.join(workdir, 'command.json'), workdir_lib.run_command())
   tcfg = config.train
   manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints, tcfg.selection_metric,
                                     tcfg.selection_mode)
+  workdir_lib.start_run(workdir, config, exp.run_files(), manager.latest_step(), allow_change)
+  workdir_lib.write_json(os.path.join(workdir, 'command.json'), workdir_lib.run_command())
   state, start_step, pending = _start(exp, manager, workdir)
   log = workdir_lib.MetricsLog(workdir, start_step)
   cadence = Cadence(exp, start_step)
@@ -122,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     from tqdm import tqdm  # only when a bar is drawn
     progress = tqdm(total=exp.total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   step, interval_start, interval_steps = start_step, time.time(), 0
+  blowup = LossBlowup()
   with preemption_flag() as preempted, contextlib.closing(log):
     try:
       for images, labels in exp.train_iterator(start_step):
@@ -136,6 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           continue
         losses = np.asarray(jax.device_get(pending), np.float64)
         _check_finite(losses, step, manager, workdir)
+        if eval_now or stop_now:
+          _check_params(state, step, manager, workdir)
         if log_now or eval_now:
           elapsed = max(time.time() - interval_start, 1e-9)
           log.write({'step': step, 'epoch': step / exp.steps_per_epoch, 'split': 'train',
@@ -144,6 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                      'images_per_sec': interval_steps * exp.global_batch / elapsed})
           if progress is not None:
             progress.set_postfix(loss=f'{losses.mean():.4f}')
+          blowup.check(step, float(losses.mean()))
           pending, interval_start, interval_steps = [], time.time(), 0
         if eval_now:
           val_metrics, _ = exp.evaluate(state, 'val')

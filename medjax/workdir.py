@@ -5,8 +5,10 @@ A workdir holds (see README, "Workdir"):
 ==========================  ==================================================================
 ``config.json``             the resolved config (``medjax train --config DIR/config.json``
                             repeats the run)
+``config_history.jsonl``    one record per start: time, step, config changes allowed on
+                            resume (``--allow_change``)
 ``command.json``            how the run was started: argv, cwd, host, git commit, time
-``data_fingerprint.json``   what the data was (the task writes it; segmentation adds
+``data_fingerprint.json``   what the data was (the task's ``run_files``; segmentation adds
                             ``split.json``)
 ``model_summary.{json,txt}``  parameters, FLOPs per example, the layer table
 ``metrics.jsonl``           one JSON record per logged train interval and per validation
@@ -29,7 +31,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -61,12 +63,89 @@ def config_path(workdir: str) -> str:
   return os.path.join(workdir, 'config.json')
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Saves the resolved config; a note when it differs from the one already there."""
+# Keys that say how this invocation runs, not what it computes: never compared on resume.
+RUN_CONTROL_KEYS = ('train.progress_bar', 'train.stop_after_steps')
+# Keys a resumed run may change when asked to (``--allow_change KEY``): the steps already
+# taken stay valid. (With a cosine or multi-step schedule a new num_epochs also moves the
+# learning rate of the steps to come; the change is recorded in config_history.jsonl.)
+CHANGEABLE_ON_RESUME = ('train.num_epochs', 'train.eval_every_epochs', 'train.log_every_steps',
+                        'train.keep_checkpoints')
+
+
+class WorkdirMismatch(ValueError):
+  """A resumed run whose config or data differ from those the workdir was trained with."""
+
+
+def _plain(obj: Any) -> Any:
+  """JSON's view of ``obj`` (tuples are lists, as in the saved files)."""
+  return json.loads(json.dumps(obj, default=list, allow_nan=True))
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_changes(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
+                   ) -> Dict[str, Tuple[Any, Any]]:
+  """``{key: (saved value, new value)}`` of every key that differs (run-control keys aside)."""
+  a, b = _flatten(_plain(saved.to_dict())), _flatten(_plain(new.to_dict()))
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if k not in RUN_CONTROL_KEYS and json.dumps(a.get(k)) != json.dumps(b.get(k))}
+
+
+def start_run(workdir: str, config: ml_collections.ConfigDict, run_files: Dict[str, Any],
+              resume_step: Optional[int], allow_change: Sequence[str] = ()) -> None:
+  """Checks, then writes, the files that define a run, before anything else is written.
+
+  A fresh run (``resume_step`` None: no checkpoint yet) writes ``config.json`` and the task's
+  ``run_files`` (``data_fingerprint.json``, ...). A resumed one must have the same config,
+  except run-control keys and the ``allow_change`` keys (of ``CHANGEABLE_ON_RESUME``), and
+  the same run files (the same data); otherwise it is refused with the differences and the
+  workdir is left as it was. Every start appends to ``config_history.jsonl``.
+  """
+  if not is_main():
+    return
+  unknown = sorted(set(allow_change) - set(CHANGEABLE_ON_RESUME))
+  if unknown:
+    raise WorkdirMismatch(f"--allow_change {', '.join(unknown)}: only "
+                          f"{', '.join(CHANGEABLE_ON_RESUME)} can change on resume")
   path = config_path(workdir)
-  if os.path.exists(path) and config_lib.from_json_file(path) != config:
-    print(f'note: config differs from {path}; the new config is used and saved')
-  write_json(path, config.to_dict())
+  changes: Dict[str, Tuple[Any, Any]] = {}
+  if resume_step is not None and os.path.exists(path):
+    changes = config_changes(read_config(workdir), config)
+    refused = {k: v for k, v in changes.items() if k not in allow_change}
+    if refused:
+      listed = '; '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in refused.items())
+      hint = (f' (or --allow_change {" ".join(k for k in refused)})'
+              if set(refused) <= set(CHANGEABLE_ON_RESUME) else '')
+      raise WorkdirMismatch(
+          f'{workdir} was trained to step {resume_step} with another config ({listed}); '
+          f'nothing was changed. Use a new --workdir, or the saved config: --config {path}'
+          f'{hint}')
+    for name, content in run_files.items():
+      saved = os.path.join(workdir, name)
+      if os.path.exists(saved):
+        with open(saved) as f:
+          old = json.load(f)
+        if json.dumps(_plain(old), sort_keys=True) != json.dumps(_plain(content), sort_keys=True):
+          raise WorkdirMismatch(
+              f'{saved} differs from the data this run would train on (the files, labels or '
+              'their preparation changed since the workdir was trained); nothing was changed. '
+              'Use a new --workdir.')
+  if resume_step is None or changes or not os.path.exists(path):
+    write_json(path, config.to_dict())
+  for name, content in run_files.items():
+    write_json(os.path.join(workdir, name), content)
+  with open(os.path.join(workdir, 'config_history.jsonl'), 'a') as f:
+    record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'start_step': resume_step or 0,
+              'changes': {k: list(v) for k, v in changes.items()}}
+    f.write(json.dumps(_plain(record), sort_keys=True) + '\n')
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

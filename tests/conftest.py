@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -14,3 +15,14 @@ def shared_file(*parts: str) -> str:
   if not os.path.exists(path):
     pytest.skip(f'real data not available: {path} (the ../shared/data folder beside the repo)')
   return path
+
+
+def fake_medmnist(path, shape, num_classes, label_width=1, seed=0) -> str:
+  """A MedMNIST-layout .npz (40 random examples per split) at ``path``."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split in ('train', 'val', 'test'):
+    arrays[f'{split}_images'] = rng.integers(0, 256, (40,) + shape, dtype=np.uint8)
+    arrays[f'{split}_labels'] = rng.integers(0, num_classes, (40, label_width), dtype=np.uint8)
+  np.savez(path, **arrays)
+  return str(path)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from conftest import fake_medmnist
 from medjax import checkpoint, config as config_lib
 from medjax import train as train_lib
 from medjax.data import load_data
@@ -138,18 +139,47 @@ def test_unfinished_checkpoint_is_never_resumed_from(reference_run, tmp_path):
   assert _results_without_run_info(str(tmp_path)) == _results_without_run_info(workdir)
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
-  config = _config(**{'train.num_epochs': 1})
-  train_lib.train_and_evaluate(config, str(tmp_path))  # one good epoch: checkpoint at step 8
-  diverging = _config(**{'train.num_epochs': 2, 'optimizer.learning_rate': float('inf')})
-  with pytest.raises(train_lib.TrainingDiverged, match=r'NaN or infinite.*last good checkpoint '
-                     r'is step 8'):
-    train_lib.train_and_evaluate(diverging, str(tmp_path))
-  manager = checkpoint.make_manager(str(tmp_path), 1, 'auc', 'max')
-  assert manager.latest_step() == 8
-  params = _final_params(str(tmp_path), config)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+  diverging = _config(**{'optimizer.learning_rate': float('inf')})
+  with pytest.raises(train_lib.TrainingDiverged,
+                     match=r'NaN or infinite at or before step 2; stopping. No checkpoint'):
+    train_lib.train_and_evaluate(diverging, str(tmp_path / 'inf'))
+  assert checkpoint.make_manager(str(tmp_path / 'inf'), 1, 'auc', 'max').latest_step() is None
 
+
+def test_nan_parameters_with_finite_losses_are_never_saved(tmp_path, monkeypatch):
+  """The last update before a checkpoint breaks the parameters while every loss so far was
+  finite (the loss is computed before the update): the state is not evaluated or saved, and
+  the checkpoint of epoch 1 stays the last good one."""
+  original = ClassificationExperiment.train_step
+
+  def breaks_at_step_16(self, state, images, labels):
+    state, metrics = original(self, state, images, labels)
+    if int(state.step) == 16:
+      state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+    return state, metrics
+  monkeypatch.setattr(ClassificationExperiment, 'train_step', breaks_at_step_16)
+  workdir = str(tmp_path)
+  with pytest.raises(train_lib.TrainingDiverged,
+                     match=r'parameters became NaN or infinite at step 16 \(not saved\); '
+                           r'stopping. The last good checkpoint is step 8'):
+    train_lib.train_and_evaluate(_config(), workdir)
+  manager = checkpoint.make_manager(workdir, 1, 'auc', 'max')
+  assert manager.all_steps() == [8]
+  config = _config()
+  exp = ClassificationExperiment(config_lib.resolve(config), load_data(config))
+  state, _ = checkpoint.restore(manager, 8, exp.abstract_state())
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert max(r['step'] for r in records if r['split'] == 'val') == 8
+
+
+def test_a_loss_far_above_its_start_is_reported(tmp_path, capsys):
+  blowup = train_lib.LossBlowup()
+  for step, loss in ((10, 1.1), (20, 5.0), (30, 11.5), (40, 50.0)):
+    blowup.check(step, loss)
+  out = capsys.readouterr().out
+  assert out.count('warning') == 1 and 'train loss 11.5 at step 30 is over 10x' in out
 
 def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_path):
   workdir, _, _ = reference_run
@@ -184,7 +214,8 @@ def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_pa
 
 def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
   train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 2}), str(tmp_path))
-  with pytest.raises(ValueError, match='checkpoint at step 2 .* does not fit this config'):
+  with pytest.raises(ValueError, match=r"trained to step 2 with another config "
+                                       r"\(optimizer.name: 'adam' -> 'sgd'\)"):
     train_lib.train_and_evaluate(_config(**{'optimizer.name': 'sgd'}), str(tmp_path))
 
 
@@ -228,16 +259,6 @@ def test_medmnist_recipes_run_on_real_data(config_file, path_parts, tmp_path):
   assert 0.0 <= results['test']['auc'] <= 1.0
 
 
-def _fake_medmnist(path, shape, num_classes, label_width=1):
-  rng = np.random.default_rng(0)
-  arrays = {}
-  for split in ('train', 'val', 'test'):
-    arrays[f'{split}_images'] = rng.integers(0, 256, (40,) + shape, dtype=np.uint8)
-    arrays[f'{split}_labels'] = rng.integers(0, num_classes, (40, label_width), dtype=np.uint8)
-  np.savez(path, **arrays)
-  return str(path)
-
-
 @pytest.mark.parametrize('name,shape,num_classes,label_width,task,outputs', [
     ('dermamnist.npz', (28, 28, 3), 7, 1, 'multiclass', 7),        # RGB multi-class
     ('organmnist3d_64.npz', (16, 16, 16), 11, 1, 'multiclass', 11),  # 3D, another size
@@ -246,7 +267,7 @@ def _fake_medmnist(path, shape, num_classes, label_width=1):
 ])
 def test_paper_recipe_on_unseen_medmnist_layouts(name, shape, num_classes, label_width, task,
                                                  outputs, tmp_path):
-  path = _fake_medmnist(tmp_path / name, shape, num_classes, label_width)
+  path = fake_medmnist(tmp_path / name, shape, num_classes, label_width)
   config = config_lib.load_config_file('configs/breastmnist.py:runlocal')
   config_lib.apply_overrides(config, [f'data.path={path}', 'data.max_examples=32'])
   if len(shape) == 3 and shape[-1] != 3:  # 3D: keep the CPU test small
@@ -281,5 +302,6 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
   results = train_lib.train_and_evaluate(
       config_lib.apply_overrides(config_lib.load_config_file('configs/quickstart.py:runlocal'),
                                  ['train.num_epochs=1' if stopped < 8 else
-                                  f'train.num_epochs={stopped // 8 + 1}']), workdir)
+                                  f'train.num_epochs={stopped // 8 + 1}']), workdir,
+      allow_change=['train.num_epochs'])
   assert results['run_info']['resumed_from_step'] == stopped

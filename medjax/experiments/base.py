@@ -16,7 +16,8 @@ and implements:
                             ``start`` on, deterministic from the seed
 ``evaluate(state, split)``  ``(metrics dict, predictions)`` of a split
 ``save_predictions(...)``   writes a split's predictions into the workdir
-``write_run_files(wd)``     files describing the data (``data_fingerprint.json``, ...)
+``run_files()``             ``{file name: JSON content}`` describing the data
+                            (``data_fingerprint.json``, ...); a resumed run must match them
 ``describe()``              one line about the data, printed when training starts
 ``eval_splits``             splits scored into ``results.json`` (class attribute)
 ``available_splits``        splits ``medjax evaluate`` accepts
@@ -117,7 +118,7 @@ class Experiment:
   def save_predictions(self, workdir: str, split: str, predictions) -> None:
     raise NotImplementedError
 
-  def write_run_files(self, workdir: str) -> None:
+  def run_files(self) -> Dict[str, Any]:
     raise NotImplementedError
 
   def describe(self) -> str:

@@ -89,10 +89,9 @@ class ClassificationExperiment(Experiment):
   def headline_metrics(self, metrics: Dict[str, Any]) -> list:
     return [k for k in HEADLINE_METRICS if k in metrics]
 
-  def write_run_files(self, workdir: str) -> None:
-    """``data_fingerprint.json``: what the data was (name, shapes, counts, hashes)."""
-    workdir_lib.write_json(os.path.join(workdir, 'data_fingerprint.json'),
-                           self.data.fingerprint())
+  def run_files(self) -> Dict[str, Dict]:
+    """``data_fingerprint.json``: what the data is (name, shapes, counts, hashes)."""
+    return {'data_fingerprint.json': self.data.fingerprint()}
 
   def save_predictions(self, workdir: str, split: str, predictions) -> None:
     save_predictions(workdir, split, predictions, self.data.class_names)

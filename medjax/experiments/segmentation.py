@@ -260,10 +260,9 @@ class SegmentationExperiment(Experiment):
       else:
         np.save(os.path.join(out, f'{case_id}.npy'), labels)
 
-  def write_run_files(self, workdir: str) -> None:
+  def run_files(self) -> Dict[str, Dict]:
     """``split.json`` (the k-fold split's train and val case ids) and
     ``data_fingerprint.json`` (the dataset's fingerprint and the preparation options)."""
-    workdir_lib.write_json(os.path.join(workdir, 'split.json'), self.data.splits)
     prepared = self.data.prepared
     fingerprint = {'name': self.data.name, 'root': self.config.data.root,
                    'class_names': list(self.data.class_names),
@@ -271,7 +270,7 @@ class SegmentationExperiment(Experiment):
                    'target_spacing_mm': prepared.target_spacing, 'prepare_options':
                    prepared.options, 'summary': prepared.fingerprint,
                    'split': {k: len(v) for k, v in self.data.splits.items()}}
-    workdir_lib.write_json(os.path.join(workdir, 'data_fingerprint.json'), fingerprint)
+    return {'split.json': self.data.splits, 'data_fingerprint.json': fingerprint}
 
 
 def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> Dict:
