@@ -11,6 +11,10 @@
   medjax compare DIR1 DIR2 ... [--output comparison.md]
 
 Running ``train`` again on the same workdir resumes from its latest checkpoint.
+
+Exit status: 0 done; 1 the run failed (training diverged) or ``data check`` found problems;
+2 a user error (bad config, missing or malformed file, unusable workdir, ...), reported in
+one line naming the file; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def _split_overrides(argv: List[str]) -> Tuple[List[str], List[str]]:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='medjax', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--debug', action='store_true',
+                      help='show the traceback of an error instead of one line')
   sub = parser.add_subparsers(dest='command', required=True)
   train = sub.add_parser('train', help='train (or resume) a model')
   train.add_argument('--config', required=True,
@@ -120,72 +126,69 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+EXIT_RUN_FAILED = 1
+EXIT_USER_ERROR = 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = _parser().parse_args(rest)
+  try:
+    return _run(args, overrides)
+  except (ValueError, OSError) as e:  # config, input files, workdir, disk: the user's to fix
+    if args.debug:
+      raise
+    kind = 'config error' if type(e).__name__ == 'ConfigError' else 'error'
+    print(f'medjax: {kind}: {e}', file=sys.stderr)
+    return EXIT_USER_ERROR
 
+
+def _run(args, overrides: List[str]) -> int:
   if args.command == 'data':
     return _data_check(args)
   commands = {'score': _score, 'predict': _predict, 'explain': _explain, 'report': _report,
               'compare': _report}
-  if args.command in commands:
-    return _user_errors(lambda: commands[args.command](args))
-
   from medjax import config as config_lib  # after parsing: --help stays fast
-  try:
-    if args.command == 'train':
-      config = config_lib.load_config_file(args.config)
-      config_lib.apply_overrides(config, overrides)
-    elif overrides:
-      raise config_lib.ConfigError('--config.* overrides apply to train only')
-  except config_lib.ConfigError as e:
-    print(f'medjax: config error: {e}', file=sys.stderr)
-    return 2
-
-  if args.command == 'train' and (args.distributed or args.coordinator_address):
-    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  if overrides and args.command != 'train':
+    raise config_lib.ConfigError('--config.* overrides apply to train only')
+  if args.command in commands:
+    return commands[args.command](args)
+  if args.command == 'train':
+    config = config_lib.load_config_file(args.config)
+    config_lib.apply_overrides(config, overrides)
+    if args.distributed or args.coordinator_address:
+      initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   from medjax import train as train_lib
+  if args.command == 'evaluate':
+    # The metrics are printed before anything is written: a read-only workdir loses nothing.
+    train_lib.evaluate_workdir(args.workdir, args.split, args.step, on_result=_print_evaluation)
+    return 0
   try:
-    if args.command == 'train':
-      results = train_lib.train_and_evaluate(config, args.workdir, args.allow_change)
-      if 'val' in results:
-        _print_metrics(results)
-    else:
-      result = train_lib.evaluate_workdir(args.workdir, args.split, args.step)
-      print(json.dumps({'split': result['split'], 'step': result['step'],
-                        **{k: v for k, v in result['metrics'].items()
-                           if k != 'confusion_matrix'}}, indent=2))
-  except (FileNotFoundError, ValueError, train_lib.TrainingDiverged) as e:
-    print(f'medjax: error: {e}', file=sys.stderr)
-    return 1
+    results = train_lib.train_and_evaluate(config, args.workdir, args.allow_change)
+  except train_lib.TrainingDiverged as e:
+    print(f'medjax: training failed: {e}', file=sys.stderr)
+    return EXIT_RUN_FAILED
+  if 'val' in results:
+    _print_metrics(results)
   return 0
+
+
+def _print_evaluation(result) -> None:
+  print(json.dumps({'split': result['split'], 'step': result['step'],
+                    **{k: v for k, v in result['metrics'].items()
+                       if k != 'confusion_matrix'}}, indent=2), flush=True)
 
 
 def _data_check(args) -> int:
   """Exit status 0 if every case is valid, 1 if problems were found or nothing was read."""
   from medjax.data import layouts
-  try:
-    report = layouts.check_dataset(args.path, args.max_cases)
-  except ValueError as e:
-    print(f'medjax: error: {e}', file=sys.stderr)
-    return 1
+  report = layouts.check_dataset(args.path, args.max_cases)
   print(layouts.format_report(report))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)
-  return 1 if report['problems'] else 0
-
-
-def _user_errors(command):
-  """Runs ``command() -> int``; bad input (missing files, bad values, unreadable volumes)
-  becomes a one-line error and exit status 1 instead of a traceback."""
-  from medjax.data.nifti import VolumeError
-  try:
-    return command()
-  except (FileNotFoundError, ValueError, VolumeError) as e:
-    print(f'medjax: error: {e}', file=sys.stderr)
-    return 1
+  return EXIT_RUN_FAILED if report['problems'] else 0
 
 
 def _predict(args) -> int:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from medjax import metrics as metrics_lib
+from medjax import metrics as metrics_lib, workdir as workdir_lib
 
 _DPI = 120
 _CLASS_COLOURS = ('#e41a1c', '#377eb8', '#4daf4a', '#984ea3', '#ff7f00', '#a65628', '#f781bf',
@@ -40,10 +40,7 @@ def save(fig, path: str) -> str:
 
 def read_metrics_log(workdir: str) -> List[Dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return workdir_lib.read_metrics(path) if os.path.exists(path) else []
 
 
 # ----- classification ----------------------------------------------------------------------
@@ -343,3 +340,17 @@ def segmentation_case_plots(workdir: str, config: Dict, results: Dict,
                                         f'{title}, 2D image')
     written[f'overlay_{which}'] = save(fig, os.path.join(out_dir, f'overlay_val_{which}.png'))
   return written
+
+
+def write_plots_safely(workdir: str, splits=('val', 'test')) -> None:
+  """The workdir's figures (:func:`medjax.plots.write_run_plots`); a plotting failure is
+  reported but never costs the run's results, which are written before."""
+  if not workdir_lib.is_main():
+    return
+  try:
+    written = write_run_plots(workdir, splits)
+  except Exception as e:  # noqa: BLE001
+    print(f'warning: could not draw the plots of {workdir}: {type(e).__name__}: {e}')
+    return
+  if written:
+    print(f"plots: {', '.join(sorted(written))} in {os.path.join(workdir, 'plots')}")

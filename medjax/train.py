@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import checkpoint, config as config_lib, workdir as workdir_lib
+from medjax import checkpoint, config as config_lib, plots, workdir as workdir_lib
 from medjax.experiments import Experiment, TrainingDiverged, make_experiment
 from medjax.models import summary as model_summary_lib
 
@@ -135,10 +135,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Resuming needs the config and data the workdir was trained with; ``allow_change`` names
   keys that may differ (``workdir.CHANGEABLE_ON_RESUME``, e.g. ``train.num_epochs``).
+  One process trains a workdir at a time (``train.lock``).
   """
-  start_time = time.time()
   config = config_lib.resolve(config)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.lock(workdir):
+    return _train(config, workdir, allow_change)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           allow_change: Sequence[str]) -> Dict[str, Any]:
+  start_time = time.time()
   exp = make_experiment(config)
   tcfg = config.train
   manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints, tcfg.selection_metric,
@@ -207,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          'resumed_from_step': start_step, 'devices': jax.device_count(),
                          'platform': jax.devices()[0].platform}
   workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
-  workdir_lib.write_plots(workdir)
+  plots.write_plots_safely(workdir)
   return results
 
 
@@ -248,16 +255,19 @@ def restore_workdir(workdir: str, step: Optional[int] = None):
 
 
 def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = None,
-                     write: bool = True) -> Dict[str, Any]:
+                     write: bool = True, on_result=None) -> Dict[str, Any]:
   """Reloads the config and the selected (or given) checkpoint of ``workdir`` and scores
-  ``split``; the numbers equal those in ``results.json`` for the same checkpoint."""
+  ``split``; the numbers equal those in ``results.json`` for the same checkpoint.
+  ``on_result(result)`` sees the result before anything is written."""
   exp, state, selected = restore_workdir(workdir, step)
   if split not in exp.available_splits:
     raise ValueError(f"unknown split '{split}'; expected one of {sorted(exp.available_splits)}")
   split_metrics, predictions = exp.evaluate(state, split)
   result = {'split': split, 'step': selected, 'metrics': split_metrics}
+  if on_result is not None:
+    on_result(result)
   if write:
     workdir_lib.write_json(os.path.join(workdir, f'eval_{split}.json'), result)
     exp.save_predictions(workdir, split, predictions)
-    workdir_lib.write_plots(workdir, (split,))
+    plots.write_plots_safely(workdir, (split,))
   return result

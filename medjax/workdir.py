@@ -16,7 +16,7 @@ A workdir holds (see README, "Workdir"):
 ``results.json``            the selected checkpoint's metrics, versions, run info
 ``predictions_<split>*``    the task's predictions of each scored split
 ``eval_<split>.json``       ``medjax evaluate``'s result
-``plots/``, ``tensorboard/``  figures and scalars
+``plots/``, ``tensorboard/``  figures (:func:`medjax.plots.write_plots_safely`) and scalars
 ==========================  ==================================================================
 
 Only process 0 of a multi-host run writes. JSON is written atomically (temporary file, then
@@ -25,6 +25,7 @@ rename), so a kill never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -152,7 +153,61 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir} has no config.json; is it a medjax workdir?')
-  return config_lib.from_json_file(path)
+  try:
+    return config_lib.from_json_file(path)
+  except json.JSONDecodeError as e:
+    raise WorkdirMismatch(f'{path} is empty or corrupt ({e}); copy the config from another '
+                          'run of this workdir or from config_history.jsonl') from None
+
+
+class WorkdirLocked(ValueError):
+  """Another ``medjax train`` holds the workdir."""
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # it exists, owned by someone else
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """One training process per workdir: ``train.lock`` holds the holder's pid and host while
+  it runs. A second one is refused with both; a lock left by a process of this host that no
+  longer exists (killed with -9) is taken over."""
+  if not is_main():
+    yield
+    return
+  path = os.path.join(workdir, 'train.lock')
+  me = {'pid': os.getpid(), 'host': platform.node(), 'since': time.strftime('%Y-%m-%dT%H:%M:%S')}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = json.load(f)
+      except (OSError, json.JSONDecodeError):
+        holder = {}
+      if holder.get('host') == me['host'] and not _process_alive(int(holder.get('pid', 0))):
+        os.remove(path)  # stale: its process is gone
+        continue
+      raise WorkdirLocked(
+          f"{workdir} is in use by another medjax train (pid {holder.get('pid', '?')} on host "
+          f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to "
+          f'finish, or delete {path} if that process no longer runs') from None
+    with os.fdopen(fd, 'w') as f:
+      json.dump(me, f)
+    break
+  try:
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(path)
 
 
 def versions() -> Dict[str, str]:
@@ -183,6 +238,24 @@ def scalars(metrics: Dict[str, Any]) -> Dict[str, float]:
   return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def read_metrics(path: str) -> list:
+  """The records of a ``metrics.jsonl``. A torn last line (a kill while appending) is
+  dropped with a warning; a bad line elsewhere is an error naming the file and line."""
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines):
+        print(f'warning: {path}: dropped a torn last line ({line.strip()[:60]!r})')
+        break
+      raise WorkdirMismatch(f'{path}: line {number} is not JSON ({line.strip()[:60]!r})'
+                            ) from None
+  return records
+
+
 class MetricsLog:
   """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only)."""
 
@@ -194,10 +267,12 @@ class MetricsLog:
       return
     if os.path.exists(self.path):
       # Drop records written after the checkpoint we resume from: they are redone.
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-      with open(self.path, 'w') as f:
+      kept = [json.dumps(r, sort_keys=True) + '\n' for r in read_metrics(self.path)
+              if r['step'] <= resume_step]
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
         f.writelines(kept)
+      os.replace(tmp, self.path)
     from tensorboardX import SummaryWriter  # slow import, only when a run writes
     self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -228,18 +303,3 @@ def selected_step(manager, workdir: str, step: Optional[int] = None) -> int:
   if selected is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
   return selected
-
-
-def write_plots(workdir: str, splits=('val', 'test')) -> None:
-  """The workdir's figures (:func:`medjax.plots.write_run_plots`); a plotting failure is
-  reported but never costs the run's results, which are written before."""
-  if not is_main():
-    return
-  from medjax import plots  # matplotlib: only when figures are drawn
-  try:
-    written = plots.write_run_plots(workdir, splits)
-  except Exception as e:  # noqa: BLE001
-    print(f'warning: could not draw the plots of {workdir}: {type(e).__name__}: {e}')
-    return
-  if written:
-    print(f"plots: {', '.join(sorted(written))} in {os.path.join(workdir, 'plots')}")

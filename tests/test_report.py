@@ -130,7 +130,7 @@ def test_compare_prints_and_writes_markdown_and_csv(runs, tmp_path, capsys):
   assert [int(r['seed']) for r in rows] == [0, 1]
   assert float(rows[1]['test/auc']) == pytest.approx(results[1]['test']['auc'])
   assert re.search(r'\| simple_cnn \| synthetic_lesions3 \| 0 \| done \|', printed)
-  assert cli.main(['compare', str(tmp_path / 'nothing_here')]) == 1
+  assert cli.main(['compare', str(tmp_path / 'nothing_here')]) == 2
 
 
 def test_segmentation_overlay_and_explanation_figures_render(tmp_path):

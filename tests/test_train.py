@@ -243,7 +243,7 @@ def test_cli_train_then_evaluate(tmp_path):
   assert printed['auc'] == results['test']['auc']
   proc = subprocess.run(cmd + ['evaluate', '--workdir', str(tmp_path / 'nope')],
                         capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 1 and 'has no config.json' in proc.stderr
+  assert proc.returncode == 2 and 'has no config.json' in proc.stderr
 
 
 @pytest.mark.parametrize('config_file,path_parts', [

@@ -85,3 +85,70 @@ def test_changed_data_under_the_same_config_is_refused(tmp_path):
     train_lib.train_and_evaluate(config, workdir)
   assert _snapshot(workdir) == before
   assert np.load(path)['train_labels'].shape == (40, 1)
+
+
+def test_one_training_process_per_workdir(tmp_path):
+  import platform
+  import subprocess
+  import sys
+  workdir = str(tmp_path)
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  try:
+    with open(tmp_path / 'train.lock', 'w') as f:
+      json.dump({'pid': holder.pid, 'host': platform.node(), 'since': 'then'}, f)
+    with pytest.raises(workdir_lib.WorkdirLocked,
+                       match=rf'in use by another medjax train \(pid {holder.pid} on host '
+                             rf'{platform.node()}, since then\)'):
+      train_lib.train_and_evaluate(_config(), workdir)
+    assert sorted(os.listdir(workdir)) == ['train.lock']  # nothing else was written
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder is gone (kill -9 leaves its lock behind): the lock is taken over, and
+  # released when training ends.
+  with workdir_lib.lock(workdir):
+    with open(tmp_path / 'train.lock') as f:
+      assert json.load(f)['pid'] == os.getpid()
+    with pytest.raises(workdir_lib.WorkdirLocked, match=f'pid {os.getpid()}'):
+      with workdir_lib.lock(workdir):
+        pass
+  assert not os.path.exists(tmp_path / 'train.lock')
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_corrupt_one_named(tmp_path, capsys):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 2, "split": "train"}\n{"step": 4, "split": "tr')
+  assert workdir_lib.read_metrics(str(path)) == [{'step': 2, 'split': 'train'}]
+  assert 'dropped a torn last line' in capsys.readouterr().out
+  path.write_text('{"step": 2}\n{"step\n{"step": 4}\n')
+  with pytest.raises(workdir_lib.WorkdirMismatch, match=r'metrics.jsonl: line 2 is not JSON'):
+    workdir_lib.read_metrics(str(path))
+  (tmp_path / 'config.json').write_text('')
+  with pytest.raises(workdir_lib.WorkdirMismatch, match=r'config.json is empty or corrupt'):
+    workdir_lib.read_config(str(tmp_path))
+
+
+def test_cli_user_errors_are_one_line_exit_2_and_evaluate_prints_before_writing(tmp_path,
+                                                                                capsys):
+  from medjax import cli
+  workdir = str(tmp_path / 'w')
+  train_lib.train_and_evaluate(_config(), workdir)
+  capsys.readouterr()
+  # A write that fails (a directory where the file goes; root ignores read-only modes).
+  os.mkdir(os.path.join(workdir, 'eval_val.json'))
+  assert cli.main(['evaluate', '--workdir', workdir, '--split', 'val']) == 2
+  out, err = capsys.readouterr()
+  assert json.loads(out)['split'] == 'val' and 'auc' in json.loads(out)  # printed first
+  assert err.count('\n') == 1 and 'eval_val.json' in err and err.startswith('medjax: error:')
+  with pytest.raises(IsADirectoryError):
+    cli.main(['--debug', 'evaluate', '--workdir', workdir, '--split', 'val'])
+  # A workdir that is a file, and a corrupt MedMNIST file: one line each, exit 2.
+  (tmp_path / 'afile').write_text('x')
+  assert cli.main(['train', '--config', 'configs/quickstart.py:runlocal', '--workdir',
+                   str(tmp_path / 'afile')]) == 2
+  assert 'afile' in capsys.readouterr().err
+  (tmp_path / 'breastmnist.npz').write_bytes(b'PK\x03\x04 truncated')
+  assert cli.main(['train', '--config', 'configs/breastmnist.py:runlocal', '--workdir',
+                   str(tmp_path / 'b'), f'--config.data.path={tmp_path / "breastmnist.npz"}']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'breastmnist.npz: cannot read as .npz' in err
