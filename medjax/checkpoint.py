@@ -2,15 +2,22 @@
 
 Orbax writes each checkpoint into a temporary directory and renames it only once complete,
 so a run killed during a save leaves an unfinished temporary directory that is never picked
-up on resume; the previous complete checkpoint stays the latest.
+up on resume; the previous complete checkpoint stays the latest. Each checkpoint's metadata
+holds a SHA-256 of its state, checked on every restore: a damaged checkpoint (truncated,
+missing or flipped bytes) is never restored silently, and :func:`restore_latest_intact`
+falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from typing import Any, Dict, Optional
+import shutil
+from typing import Any, Dict, Optional, Tuple
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -39,9 +46,25 @@ def make_manager(workdir: str, keep: int, selection_metric: str,
                                options=options)
 
 
+class CorruptCheckpoint(ValueError):
+  """A checkpoint that cannot be read, or whose state differs from what was saved."""
+
+
+def state_digest(state: Any) -> str:
+  """SHA-256 of every array of a (replicated) state, in tree order: shapes, dtypes, bytes."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(state)):
+    array = np.ascontiguousarray(leaf)
+    digest.update(f'{array.shape}{array.dtype}'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Dict[str, Any],
          metrics: Optional[Dict[str, float]] = None) -> None:
-  """Saves ``state`` (a pytree of arrays) and JSON ``meta``; ``metrics`` rank it for 'best'."""
+  """Saves ``state`` (a pytree of arrays) and JSON ``meta`` (plus the state's SHA-256);
+  ``metrics`` rank it for 'best'."""
+  meta = {**meta, 'state_sha256': state_digest(state)}
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              meta=ocp.args.JsonSave(meta)),
                metrics=metrics, force=True)
@@ -53,18 +76,48 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
 
   Raises:
     ValueError: the checkpoint was written by a different model or optimizer.
+    CorruptCheckpoint: it cannot be read, or its state is not the one saved.
   """
+  where = os.path.join(str(manager.directory), str(step))
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
   except ValueError as e:
     if 'do not match' not in str(e) and 'structure' not in str(e):
-      raise
+      raise CorruptCheckpoint(f'{where}: unreadable ({type(e).__name__}: {e})') from None
     raise ValueError(
         f'checkpoint at step {step} in {manager.directory} does not fit this config: its '
         'parameters or optimizer state have another structure (was model.* or optimizer.name '
         'changed?). Resume with the original config, or use a new workdir.') from None
+  except Exception as e:  # noqa: BLE001 (tensorstore, OS and decoding errors alike)
+    raise CorruptCheckpoint(f'{where}: unreadable ({type(e).__name__}: {str(e)[:300]})'
+                            ) from None
+  expected = (restored['meta'] or {}).get('state_sha256')
+  if expected is not None and state_digest(restored['state']) != expected:
+    raise CorruptCheckpoint(f'{where}: its state differs from the one saved (SHA-256 '
+                            'mismatch: damaged bytes)')
   return restored['state'], restored['meta']
+
+
+def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: Any
+                          ) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+  """(step, state, meta) of the newest checkpoint that restores intact, or None if there is
+  none. Damaged newer ones are moved to ``checkpoints_damaged/`` (kept for inspection; the
+  resumed run saves those steps again), each with a warning."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, meta = restore(manager, step, abstract_state)
+      return step, state, meta
+    except CorruptCheckpoint as e:
+      directory = str(manager.directory)
+      aside = os.path.join(os.path.dirname(directory), 'checkpoints_damaged', str(step))
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.move(os.path.join(directory, str(step)), aside)
+      manager.reload()
+      print(f'warning: {e}; moved to {aside}, trying the previous checkpoint')
+  return None
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:

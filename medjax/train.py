@@ -111,10 +111,10 @@ def _check_params(state, step: int, manager, workdir: str) -> None:
 def _start(exp: Experiment, manager, workdir: str):
   """(state, start step, train losses not yet logged): fresh, or from the latest checkpoint.
   A fresh run writes the model summary."""
-  latest = manager.latest_step()
-  if latest is not None:
-    state, meta = checkpoint.restore(manager, latest, exp.abstract_state())
-    print(f'Resuming from checkpoint at step {latest} in {workdir}')
+  found = checkpoint.restore_latest_intact(manager, exp.abstract_state())
+  if found is not None:
+    step, state, meta = found
+    print(f'Resuming from checkpoint at step {step} in {workdir}')
     return state, int(jax.device_get(state.step)), list(meta.get('pending_train_losses', []))
   state = exp.init_state()
   summary = exp.model_summary(state)

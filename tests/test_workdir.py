@@ -152,3 +152,48 @@ def test_cli_user_errors_are_one_line_exit_2_and_evaluate_prints_before_writing(
                    str(tmp_path / 'b'), f'--config.data.path={tmp_path / "breastmnist.npz"}']) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'breastmnist.npz: cannot read as .npz' in err
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  results.pop('run_info')
+  return results
+
+
+def _largest_file(folder):
+  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.fixture(scope='module')
+def two_epochs(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('two_epochs'))
+  train_lib.train_and_evaluate(_config('train.num_epochs=2'), workdir)
+  return workdir
+
+
+@pytest.mark.parametrize('damage', ['flip_bytes', 'truncate', 'delete'])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(damage, two_epochs,
+                                                                         tmp_path, capsys):
+  reference = two_epochs
+  workdir = str(tmp_path / 'w')
+  train_lib.train_and_evaluate(_config('train.num_epochs=2', 'train.stop_after_steps=12'),
+                               workdir)  # checkpoints at 8 (validation) and 12 (stop)
+  target = _largest_file(os.path.join(workdir, 'checkpoints', '12', 'state'))
+  data = bytearray(open(target, 'rb').read())
+  if damage == 'flip_bytes':
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    open(target, 'wb').write(bytes(data))
+  elif damage == 'truncate':
+    open(target, 'wb').write(bytes(data[:len(data) // 3]))
+  else:
+    os.remove(target)
+  capsys.readouterr()
+  resumed = train_lib.train_and_evaluate(_config('train.num_epochs=2'), workdir)
+  out = capsys.readouterr().out
+  assert 'warning:' in out and 'checkpoints_damaged' in out
+  assert resumed['run_info']['resumed_from_step'] == 8
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '12'))
+  assert _results(workdir) == _results(reference)  # as if the damage never happened
