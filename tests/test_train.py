@@ -160,13 +160,15 @@ def test_nan_parameters_with_finite_losses_are_never_saved(tmp_path, monkeypatch
     return state, metrics
   monkeypatch.setattr(ClassificationExperiment, 'train_step', breaks_at_step_16)
   workdir = str(tmp_path)
+  config = config_lib.load_config_file('configs/quickstart.py:runlocal')  # a small CNN
+  config_lib.apply_overrides(config, ['model.features=(4, 8)', 'model.hidden=8',
+                                      'train.keep_checkpoints=1'])
   with pytest.raises(train_lib.TrainingDiverged,
                      match=r'parameters became NaN or infinite at step 16 \(not saved\); '
                            r'stopping. The last good checkpoint is step 8'):
-    train_lib.train_and_evaluate(_config(), workdir)
+    train_lib.train_and_evaluate(config, workdir)
   manager = checkpoint.make_manager(workdir, 1, 'auc', 'max')
   assert manager.all_steps() == [8]
-  config = _config()
   exp = ClassificationExperiment(config_lib.resolve(config), load_data(config))
   state, _ = checkpoint.restore(manager, 8, exp.abstract_state())
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
