@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -26,3 +27,11 @@ def fake_medmnist(path, shape, num_classes, label_width=1, seed=0) -> str:
     arrays[f'{split}_labels'] = rng.integers(0, num_classes, (40, label_width), dtype=np.uint8)
   np.savez(path, **arrays)
   return str(path)
+
+
+def results_without_run_info(workdir) -> dict:
+  """A workdir's results.json without ``run_info`` (wall time: the only field that varies)."""
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  results.pop('run_info')
+  return results

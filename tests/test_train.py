@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from conftest import fake_medmnist
+from conftest import fake_medmnist, results_without_run_info
 from medjax import checkpoint, config as config_lib
 from medjax import train as train_lib
 from medjax.data import load_data
@@ -30,13 +30,6 @@ def _config(**overrides):
                                  'train.keep_checkpoints=1'])
   config_lib.apply_overrides(c, [f'{k}={v}' for k, v in overrides.items()])
   return c
-
-
-def _results_without_run_info(workdir):
-  with open(os.path.join(workdir, 'results.json')) as f:
-    results = json.load(f)
-  results.pop('run_info')
-  return results
 
 
 def _train_losses(workdir):
@@ -108,7 +101,7 @@ def test_evaluate_reproduces_results_exactly(reference_run):
 def test_same_seed_twice_gives_identical_results(reference_run, tmp_path):
   workdir, config, _ = reference_run
   train_lib.train_and_evaluate(config, str(tmp_path))
-  assert _results_without_run_info(str(tmp_path)) == _results_without_run_info(workdir)
+  assert results_without_run_info(str(tmp_path)) == results_without_run_info(workdir)
   assert _train_losses(str(tmp_path)) == _train_losses(workdir)
 
 
@@ -120,7 +113,7 @@ def test_resume_is_bit_exact(reference_run, tmp_path):
   assert not os.path.exists(tmp_path / 'results.json')
   resumed = train_lib.train_and_evaluate(config, str(tmp_path))
   assert resumed['run_info']['resumed_from_step'] == 5
-  assert _results_without_run_info(str(tmp_path)) == _results_without_run_info(workdir)
+  assert results_without_run_info(str(tmp_path)) == results_without_run_info(workdir)
   assert _train_losses(str(tmp_path)) == _train_losses(workdir)
   straight, again = _final_params(workdir, config), _final_params(str(tmp_path), config)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(again)):
@@ -136,7 +129,7 @@ def test_unfinished_checkpoint_is_never_resumed_from(reference_run, tmp_path):
   (partial / 'state' / 'garbage').write_bytes(b'\x00' * 10)
   results = train_lib.train_and_evaluate(config, str(tmp_path))
   assert results['run_info']['resumed_from_step'] == 3
-  assert _results_without_run_info(str(tmp_path)) == _results_without_run_info(workdir)
+  assert results_without_run_info(str(tmp_path)) == results_without_run_info(workdir)
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
@@ -210,7 +203,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_pa
   # relative by step 8, 4e-3 by step 16; a tolerance from a rounding analysis is issue 11).
   np.testing.assert_allclose(eight[steps[0]], one[steps[0]], rtol=1e-5)
   np.testing.assert_allclose([eight[k] for k in steps], [one[k] for k in steps], rtol=1e-2)
-  r1, r8 = _results_without_run_info(workdir), _results_without_run_info(str(tmp_path))
+  r1, r8 = results_without_run_info(workdir), results_without_run_info(str(tmp_path))
   assert r8['test']['auc'] == pytest.approx(r1['test']['auc'], abs=0.02)
 
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import fake_medmnist
+from conftest import fake_medmnist, results_without_run_info
 from medjax import config as config_lib, train as train_lib, workdir as workdir_lib
 
 
@@ -154,13 +154,6 @@ def test_cli_user_errors_are_one_line_exit_2_and_evaluate_prints_before_writing(
   assert err.count('\n') == 1 and 'breastmnist.npz: cannot read as .npz' in err
 
 
-def _results(workdir):
-  with open(os.path.join(workdir, 'results.json')) as f:
-    results = json.load(f)
-  results.pop('run_info')
-  return results
-
-
 def _largest_file(folder):
   files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
   return max(files, key=os.path.getsize)
@@ -196,4 +189,5 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(damage,
   assert 'warning:' in out and 'checkpoints_damaged' in out
   assert resumed['run_info']['resumed_from_step'] == 8
   assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '12'))
-  assert _results(workdir) == _results(reference)  # as if the damage never happened
+  # As if the damage had never happened.
+  assert results_without_run_info(workdir) == results_without_run_info(reference)
