@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -352,5 +353,6 @@ def write_plots_safely(workdir: str, splits=('val', 'test')) -> None:
   except Exception as e:  # noqa: BLE001
     print(f'warning: could not draw the plots of {workdir}: {type(e).__name__}: {e}')
     return
-  if written:
-    print(f"plots: {', '.join(sorted(written))} in {os.path.join(workdir, 'plots')}")
+  if written:  # on stderr: `medjax evaluate` prints its JSON alone on stdout
+    print(f"plots: {', '.join(sorted(written))} in {os.path.join(workdir, 'plots')}",
+          file=sys.stderr)

@@ -149,7 +149,6 @@ def test_conv_transpose_equals_flax_with_the_same_parameters(nd):
 
 @pytest.mark.parametrize('name,kwargs,shape', [
     ('simple_cnn', {}, (4, 16, 16, 1)),
-    ('resnet18', dict(width=8), (4, 12, 12, 3)),
     # Two stages: BatchNorm over a 1-voxel map of a batch of 2 would be ill-conditioned.
     ('resnet', dict(stage_sizes=(1, 1), width=4), (2, 8, 8, 8, 1)),
     ('unet', dict(features=(4, 8, 16), strides=(1, 2, 2), deep_supervision=True),

@@ -223,8 +223,8 @@ def test_explain_command_on_held_back_files(trained, tmp_path, capsys):
     assert 'saliency' not in f.files
   capsys.readouterr()
   assert cli.main(['explain', '--workdir', workdir, '--input', str(inputs), '--output',
-                   str(tmp_path / 'o3'), '--layer', 'nope']) == 1
+                   str(tmp_path / 'o3'), '--layer', 'nope']) == 2
   assert "no layer 'nope'" in capsys.readouterr().err
   assert cli.main(['explain', '--workdir', workdir, '--input', str(tmp_path / 'missing'),
-                   '--output', str(tmp_path / 'o4')]) == 1
+                   '--output', str(tmp_path / 'o4')]) == 2
   assert 'missing: no such file' in capsys.readouterr().err
