@@ -291,10 +291,6 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-def to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
-
-
 def from_json_file(path: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     return resolve(json.load(f))

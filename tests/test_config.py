@@ -47,10 +47,11 @@ def test_unknown_key_in_config_file_names_the_file(tmp_path):
 
 
 def test_json_round_trip(tmp_path):
+  from medjax import workdir
   c = config_lib.load_config_file('configs/breastmnist.py')
-  path = tmp_path / 'config.json'
-  path.write_text(config_lib.to_json(c))
-  assert config_lib.from_json_file(str(path)) == c
+  workdir.write_json(str(tmp_path / 'config.json'), c.to_dict())  # as training saves it
+  assert config_lib.from_json_file(str(tmp_path / 'config.json')) == c
+  assert workdir.read_config(str(tmp_path)) == c
 
 
 def test_cli_override_parsing():
