@@ -116,6 +116,19 @@ def _metric_keys(rows: Sequence[Dict]) -> List[str]:
   return keys
 
 
+def _e(value) -> str:
+  """Any workdir value as HTML text: workdir JSON is data, never markup."""
+  return html.escape(str(value))
+
+
+def _number(value, spec: str) -> str:
+  """``value`` formatted with ``spec`` if it is a number, else as it is (a hand-edited or
+  damaged workdir must not stop the report)."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return format(value, spec)
+  return str(value)
+
+
 def _fmt(value) -> str:
   if isinstance(value, float):
     return 'nan' if not math.isfinite(value) else f'{value:.4f}'
@@ -216,9 +229,9 @@ def _fingerprint_html(fingerprint: Optional[Dict]) -> str:
                                                                 entry.get('label_counts', [])))),
                    'images sha256': entry['images_sha256'][:16] + '…',
                    'labels sha256': entry['labels_sha256'][:16] + '…'})
-    intro = (f"<p>{html.escape(fingerprint['name'])}: {fingerprint['task']}, classes "
-             f"{html.escape(', '.join(fingerprint['class_names']))}, image shape "
-             f"{tuple(fingerprint['image_shape'])}</p>")
+    intro = (f"<p>{_e(fingerprint['name'])}: {_e(fingerprint['task'])}, classes "
+             f"{_e(', '.join(map(str, fingerprint['class_names'])))}, image shape "
+             f"{_e(tuple(fingerprint['image_shape']))}</p>")
     return intro + _html_table(rows, list(rows[0]))
   summary = fingerprint.get('summary', {})
   keys = ('modality', 'shape_median', 'shape_min', 'shape_max', 'spacing_median_mm',
@@ -253,8 +266,8 @@ def _segmentation_table(results: Dict) -> str:
           row[label] = metrics[f'{metric}_{name}']
       rows.append(row)
     if rows:
-      parts.append(f"<p>{split}: {metrics.get('num_cases', '?')} cases, mean foreground Dice "
-                   f"{_fmt(metrics.get('dice', math.nan))}</p>" + _html_table(rows, list(rows[0])))
+      parts.append(f"<p>{split}: {_e(metrics.get('num_cases', '?'))} cases, mean foreground "
+                   f"Dice {_e(_fmt(metrics.get('dice', math.nan)))}</p>" + _html_table(rows, list(rows[0])))
   return ''.join(parts)
 
 
@@ -312,10 +325,10 @@ def _run_section(run: Dict, heading: str) -> str:
   parts.append('<h3>Metrics (selected checkpoint)</h3>' + _split_tables(run['results']))
   results = run['results'] or {}
   if results:
-    parts.append(f"<p class='muted'>selected step {results.get('selected_step')} (epoch "
-                 f"{results.get('selected_epoch', float('nan')):.1f}) by "
-                 f"{html.escape(str(results.get('selection_metric')))} "
-                 f"({results.get('selection_mode')})</p>")
+    parts.append(f"<p class='muted'>selected step {_e(results.get('selected_step'))} (epoch "
+                 f"{_e(_number(results.get('selected_epoch'), '.1f'))}) by "
+                 f"{_e(results.get('selection_metric'))} "
+                 f"({_e(results.get('selection_mode'))})</p>")
     per_case = (results.get('val') or {}).get('per_case')
     if per_case:
       rows = []
@@ -334,8 +347,8 @@ def _run_section(run: Dict, heading: str) -> str:
   summary = run['model_summary']
   if summary:
     from medjax.models.summary import format_summary
-    parts.append(f"<h3>Model</h3><p>{html.escape(summary.get('name', summary['model']))}: "
-                 f"{summary['parameters']:,} parameters</p><pre>"
+    parts.append(f"<h3>Model</h3><p>{_e(summary.get('name', summary['model']))}: "
+                 f"{_e(_number(summary['parameters'], ','))} parameters</p><pre>"
                  f"{html.escape(format_summary(summary))}</pre>")
   parts.append('<h3>Config</h3><details><summary>config.json</summary><pre>'
                + html.escape(json.dumps(run['config'], indent=2, sort_keys=True))
@@ -347,8 +360,8 @@ def _run_section(run: Dict, heading: str) -> str:
         ['package', 'version']))
     info = results.get('run_info', {})
     if info:
-      parts.append(f"<p class='muted'>{info.get('devices')} {info.get('platform')} device(s), "
-                   f"{info.get('wall_time_s', float('nan')):.0f} s wall time</p>")
+      parts.append(f"<p class='muted'>{_e(info.get('devices'))} {_e(info.get('platform'))} "
+                   f"device(s), {_e(_number(info.get('wall_time_s'), '.0f'))} s wall time</p>")
   parts.append('<h3>Reproduce</h3><pre>' + html.escape(reproduce_commands(run)) + '</pre>')
   return '\n'.join(parts)
 

@@ -97,6 +97,35 @@ def test_report_of_one_run_holds_metrics_plots_config_and_reproduction(runs):
   assert 'jaxlib' in page and '543,619 parameters' in page
 
 
+def test_report_escapes_every_workdir_field(runs, tmp_path):
+  """Workdir JSON is data: markup planted in any field reaches the page as text."""
+  import shutil
+  root, _ = runs
+  workdir = tmp_path / 'planted'
+  shutil.copytree(root / 'seed0', workdir)
+  bad = '<script>alert(1)</script>'
+
+  def plant(name, edit):
+    record = json.loads((workdir / name).read_text())
+    edit(record)
+    (workdir / name).write_text(json.dumps(record))
+
+  def results(r):
+    r.update(task=bad, selection_mode=bad, selected_step=bad, selected_epoch=bad,
+             selection_metric=bad, dataset=bad)
+    r['run_info'].update(devices=bad, platform=bad, wall_time_s=bad)
+    r['versions'][bad] = bad
+  plant('results.json', results)
+  plant('data_fingerprint.json', lambda f: f.update(name=bad, task=bad, image_shape=[bad],
+                                                    class_names=[bad, bad]))
+  plant('model_summary.json', lambda m: m.update(name=bad))
+  plant('config.json', lambda c: c['data'].update(name=bad))
+  assert cli.main(['report', '--workdir', str(workdir)]) == 0
+  page = (workdir / 'report.html').read_text()
+  assert '<script' not in page
+  assert page.count('&lt;script&gt;alert(1)&lt;/script&gt;') >= 14
+
+
 def test_saved_config_json_repeats_the_run_exactly(runs, tmp_path):
   root, results = runs
   config = config_lib.load_config_file(str(root / 'seed0' / 'config.json'))
