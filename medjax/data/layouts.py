@@ -69,6 +69,35 @@ def _is_data_file(name: str) -> bool:
   return name.lower().endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES) and not name.startswith('.')
 
 
+def _inside(root: str, entry: Dict, key: str, where: str) -> str:
+  """``root/entry[key]``, refused if the path leaves the dataset folder (absolute, or
+  ``..`` above ``root``): a dataset.json must not make training read arbitrary files."""
+  if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
+    raise ValueError(f"{where}: expected {{'image': path, 'label': path}}, got {entry!r}")
+  relative = entry[key]
+  path = os.path.normpath(os.path.join(root, relative))
+  if os.path.isabs(relative) or os.path.relpath(path, os.path.normpath(root)).startswith(
+      os.pardir):
+    raise ValueError(f"{where}: {key} path '{relative}' points outside the dataset folder "
+                     f'{root}; paths must be relative and inside it')
+  return path
+
+
+def _check_unique_ids(info: DatasetInfo) -> None:
+  """Two files with one case id (same name in two folders, or a.png beside a.tif) would
+  become one case: refuse, naming both."""
+  seen: Dict[str, str] = {}
+  clashes = []
+  for case in info.cases:
+    if case.case_id in seen:
+      clashes.append(f"case id '{case.case_id}': {seen[case.case_id]} and {case.image}")
+    seen.setdefault(case.case_id, case.image)
+  if clashes:
+    raise ValueError(f'{info.root}: {len(clashes)} case id(s) used by more than one image '
+                     '(case ids are file names without their suffix; rename one of each):\n'
+                     + '\n'.join(clashes))
+
+
 def _msd(root: str) -> DatasetInfo:
   path = os.path.join(root, 'dataset.json')
   try:
@@ -79,9 +108,10 @@ def _msd(root: str) -> DatasetInfo:
   if 'training' not in meta:
     raise ValueError(f"{path}: no 'training' list")
   cases = []
-  for entry in meta['training']:
-    image = os.path.normpath(os.path.join(root, entry['image']))
-    label = os.path.normpath(os.path.join(root, entry['label'])) if entry.get('label') else None
+  for i, entry in enumerate(meta['training']):
+    image = _inside(root, entry, 'image', f"{path}: training[{i}]")
+    label = _inside(root, entry, 'label', f"{path}: training[{i}]") if entry.get('label') \
+        else None
     cases.append(Case(strip_suffix(os.path.basename(image)), image, label))
   labels = meta.get('labels', {})
   class_names = [labels[k] for k in sorted(labels, key=int)] if labels else None
@@ -118,6 +148,7 @@ def find_cases(root: str) -> DatasetInfo:
                        f"({', '.join('/'.join(p) for p in _PAIR_DIRS)})")
   if not info.cases:
     raise ValueError(f'{root}: the dataset is empty (no image files found)')
+  _check_unique_ids(info)
   return info
 
 
@@ -225,6 +256,20 @@ def _case_stats(info: DatasetInfo, case: Case, num_classes: Optional[int],
   return entry
 
 
+def _channel_problems(cases: Sequence[Case], entries: Sequence[Dict]) -> List[str]:
+  """Every case must have the same number of channels (gray and RGB files mixed would
+  train on whichever comes first): one problem per case that differs from the majority."""
+  counts = {e['case']: e['channels'] for e in entries if 'channels' in e}
+  if len(set(counts.values())) <= 1:
+    return []
+  values = list(counts.values())
+  majority = max(set(values), key=values.count)
+  images = {c.case_id: c.image for c in cases}
+  return [f'{images[case]}: {n} channel(s), but {values.count(majority)} of {len(values)} '
+          f'cases have {majority}; convert the files so that all cases agree'
+          for case, n in counts.items() if n != majority]
+
+
 def check_dataset(root: str, max_cases: int = 0, label_values: Sequence[int] = ()) -> Dict:
   """Validates every case and computes the dataset fingerprint.
 
@@ -243,6 +288,7 @@ def check_dataset(root: str, max_cases: int = 0, label_values: Sequence[int] = (
       entries.append(_case_stats(info, case, num_classes, label_values))
     except nifti.VolumeError as e:
       problems.append(str(e))
+  problems += _channel_problems(cases, entries)
   summary: Dict = {'root': os.path.abspath(root), 'layout': info.layout,
                    'spatial_dims': info.spatial_dims, 'modality': info.modality,
                    'cases': len(cases), 'valid_cases': len(entries),

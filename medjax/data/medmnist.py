@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import urllib.request
 from typing import Dict, NamedTuple, Tuple
 
@@ -107,11 +106,32 @@ def md5sum(path: str) -> str:
   return digest.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_stale_parts(target: str) -> None:
+  """Deletes ``<target>.part-<pid>`` files of downloads whose process is gone (killed
+  mid-download): they are never completed, only waste disk."""
+  folder, name = os.path.split(target)
+  for entry in os.listdir(folder or '.'):
+    match = re.fullmatch(re.escape(name) + r'\.part-(\d+)', entry)
+    if match and not _pid_alive(int(match.group(1))):
+      os.remove(os.path.join(folder, entry))
+
+
 def download(flag: str, dest_dir: str, url: str | None = None) -> str:
   """Downloads the official ``<flag>.npz`` (28 px) into ``dest_dir`` and checks its MD5.
 
-  The file is written under a temporary name and renamed only after the checksum matches,
-  so an interrupted or corrupt download never leaves a file that looks complete.
+  The file is written as ``<flag>.npz.part-<pid>`` and renamed only after the checksum
+  matches, so an interrupted or corrupt download never leaves a file that looks complete;
+  parts left by killed downloads are deleted by the next one.
   """
   base = base_flag(flag)
   if flag != base or base not in INFO:
@@ -119,10 +139,11 @@ def download(flag: str, dest_dir: str, url: str | None = None) -> str:
                      f"are: {', '.join(sorted(INFO))}. Give data.path to a local file instead.")
   os.makedirs(dest_dir, exist_ok=True)
   target = os.path.join(dest_dir, f'{flag}.npz')
+  _remove_stale_parts(target)
   url = url or DOWNLOAD_URL.format(flag=flag)
-  fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix='.part')
+  tmp = f'{target}.part-{os.getpid()}'
   try:
-    with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
+    with open(tmp, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
       shutil.copyfileobj(response, out)
     got = md5sum(tmp)
     if got != INFO[base].md5:
@@ -134,18 +155,34 @@ def download(flag: str, dest_dir: str, url: str | None = None) -> str:
   return target
 
 
+def verify_official(path: str, flag: str) -> None:
+  """An existing file at the download target must be the official one: MD5 checked."""
+  base = base_flag(flag)
+  if flag != base or base not in INFO:
+    return  # no official checksum to compare with
+  got = md5sum(path)
+  if got != INFO[base].md5:
+    raise ValueError(f'{path}: MD5 {got} differs from the official {flag}.npz '
+                     f'({INFO[base].md5}); delete it to download again, or set '
+                     'data.download=False to use this file as it is')
+
+
 def resolve_path(path: str, flag: str, allow_download: bool) -> str:
-  """Finds the npz: ``path`` itself, or ``path/<flag>.npz``; downloads if allowed."""
+  """Finds the npz: ``path`` itself, or ``path/<flag>.npz``; downloads if allowed. With
+  downloads allowed, a file already there is MD5-checked against the official one."""
   if path.endswith('.npz'):
     candidate = path
   else:
     if not flag:
       raise ValueError('data.flag must name the MedMNIST dataset when data.path is a directory')
     candidate = os.path.join(path or '.', f'{flag.lower()}.npz')
+  flag = (flag or flag_from_path(candidate)).lower()
   if os.path.isfile(candidate):
+    if allow_download and os.path.basename(candidate).lower() == f'{flag}.npz':
+      verify_official(candidate, flag)  # the download target: must be the official file
     return candidate
   if allow_download:
-    return download(flag or flag_from_path(candidate), os.path.dirname(candidate) or '.')
+    return download(flag, os.path.dirname(candidate) or '.')
   raise FileNotFoundError(f'MedMNIST file not found: {candidate} (set data.download=True to '
                           'fetch the official file, or point data.path at a local copy)')
 
@@ -169,6 +206,29 @@ def _to_channels_last(images: np.ndarray, info: MedMNISTInfo | None, path: str) 
   if images.ndim == 5:
     return images                                  # 3D multi-channel
   raise ValueError(f'{path}: cannot interpret images of shape {images.shape}')
+
+
+def _integral_labels(labels: np.ndarray, path: str, split: str) -> np.ndarray:
+  """Labels as int64. Floats are accepted only when every value is a whole number (casting
+  0.7 to 0 would train on wrong labels without a word); values must fit in int32."""
+  integral = np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool
+  if not integral:
+    if not np.issubdtype(labels.dtype, np.floating):
+      raise ValueError(f"{path}: '{split}_labels' has dtype {labels.dtype}; expected integers")
+    if not np.all(np.isfinite(labels)):
+      raise ValueError(f"{path}: '{split}_labels' contains NaN or infinite values")
+    fractional = labels != np.round(labels)
+    if fractional.any():
+      index = np.argwhere(fractional)[0]
+      raise ValueError(f"{path}: '{split}_labels' has non-integer values "
+                       f'({int(fractional.sum())} of {labels.size}, e.g. '
+                       f'{labels[tuple(index)]:g} at index {index.tolist()}); labels must be '
+                       'class indices')
+  too_big = np.abs(labels.astype(np.float64)) > np.iinfo(np.int32).max
+  if too_big.any():
+    raise ValueError(f"{path}: '{split}_labels' has values beyond int32 (e.g. "
+                     f'{labels[too_big][0]}); labels must be class indices')
+  return labels.astype(np.int64)
 
 
 def load(path: str, flag: str = '') -> ClassificationData:
@@ -198,7 +258,7 @@ def load(path: str, flag: str = '') -> ClassificationData:
   splits = {}
   for split in SPLITS:
     images = _to_channels_last(arrays[f'{split}_images'], info, path)
-    labels = arrays[f'{split}_labels']
+    labels = _integral_labels(arrays[f'{split}_labels'], path, split)
     if labels.ndim == 1:
       labels = labels[:, None]
     splits[split] = (images, labels)

@@ -96,7 +96,31 @@ def _diagnose_unreadable(path: str) -> str:
   return 'not a NIfTI file'
 
 
+# Deflate cannot compress better than 1032:1, so a .nii.gz of n bytes holds at most
+# 1032 n bytes of data: a header claiming more is corrupt, refused before any allocation.
+MAX_DEFLATE_RATIO = 1032
+
+
+def _check_claimed_size(image: nib.Nifti1Image, path: str) -> None:
+  """Refuses a header whose claimed data cannot be in the file (a 100-byte file claiming
+  a 768 MiB volume), before nibabel allocates the claimed array."""
+  header = image.header
+  shape = header.get_data_shape()
+  claimed = int(np.prod(shape, dtype=np.float64)) * header.get_data_dtype().itemsize
+  offset = int(header.get('vox_offset', 0)) if hasattr(header, 'get') else 0
+  size = os.path.getsize(path)
+  if path.lower().endswith('.gz'):
+    if claimed + offset > size * MAX_DEFLATE_RATIO:
+      raise VolumeError(f'{path}: corrupt or truncated NIfTI: the header claims shape {shape} '
+                        f'({claimed:,} bytes), more than a {size:,}-byte gzip file can hold')
+  elif claimed + offset > size:
+    raise VolumeError(f'{path}: corrupt or truncated NIfTI: the header claims shape {shape} '
+                      f'({claimed:,} bytes of data from byte {offset}), but the file has '
+                      f'{size:,} bytes')
+
+
 def _data(image: nib.Nifti1Image, path: str) -> np.ndarray:
+  _check_claimed_size(image, path)
   try:
     return np.asanyarray(image.dataobj)
   except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:

@@ -16,13 +16,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from medjax.data import intensity, layouts, nifti
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries keyed by options and data
 MAX_CLASS_LOCATIONS = 10000  # foreground voxels remembered per class, for oversampling
 
 
@@ -177,23 +178,83 @@ class PreparedDataset:
     return image, label, locations
 
 
+def data_key(root: str, max_cases: int = 0) -> Dict:
+  """What identifies the data of a cache entry: the root, ``dataset.json``'s bytes and, per
+  case file, its path under ``root``, size and modification time (ns). An edited, replaced
+  or added file changes it; reading it costs one ``stat`` per file, never the data."""
+  info = layouts.find_cases(root)
+  cases = info.cases[:max_cases] if max_cases else info.cases
+  files = []
+  for case in cases:
+    for path in (case.image, case.label):
+      if path is None:
+        continue
+      try:
+        stat = os.stat(path)
+      except OSError:  # missing: the dataset check names it
+        files.append([os.path.relpath(path, root), -1, -1])
+        continue
+      files.append([os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns])
+  meta = os.path.join(root, 'dataset.json')
+  meta_sha = None
+  if os.path.exists(meta):
+    with open(meta, 'rb') as f:
+      meta_sha = hashlib.sha256(f.read()).hexdigest()
+  return {'root': os.path.abspath(root), 'max_cases': max_cases, 'dataset_json_sha256': meta_sha,
+          'files': files}
+
+
+def cache_entry_name(options: PrepareOptions, key: Dict) -> str:
+  """``<options hash>-<data hash>``: one entry per (preparation, data) pair."""
+  data = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  return f'{options.key()}-{data}'
+
+
+def _read_manifest(directory: str) -> Optional[PreparedDataset]:
+  path = os.path.join(directory, 'manifest.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    manifest = json.load(f)
+  return PreparedDataset(directory, manifest['case_ids'], manifest['class_names'],
+                         manifest['spatial_dims'], manifest['records'], manifest['fingerprint'],
+                         manifest['target_spacing_mm'], manifest['options'])
+
+
+def _remove_abandoned(cache_root: str) -> None:
+  """Deletes half-written entries (``*.tmp-<pid>``) whose writer process is gone."""
+  for name in os.listdir(cache_root):
+    head, sep, pid = name.rpartition('.tmp-')
+    if sep and pid.isdigit() and not _pid_alive(int(pid)):
+      shutil.rmtree(os.path.join(cache_root, name), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions(),
             max_cases: int = 0) -> PreparedDataset:
-  """Prepares every case of ``root`` once into ``cache_root/<options hash>/``.
+  """Prepares every case of ``root`` once into ``cache_root/<options hash>-<data hash>/``.
 
-  A second call with the same options reads the manifest and returns at once. Any bad
-  case stops preparation before training, with every problem listed.
+  The entry is keyed by the options AND the data (:func:`data_key`): edited labels or a
+  second dataset get their own entry. An entry is written into a temporary folder and
+  renamed into place when complete, and never modified afterwards, so a trainer that has
+  an entry's arrays memory-mapped keeps reading exactly what it started with. A second
+  call with the same options and unchanged data returns the entry at once. Any bad case
+  stops preparation before training, with every problem listed.
   """
-  directory = os.path.join(cache_root, options.key())
-  manifest_path = os.path.join(directory, 'manifest.json')
-  if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-    if manifest['root'] == os.path.abspath(root) and manifest['max_cases'] == max_cases:
-      return PreparedDataset(directory, manifest['case_ids'], manifest['class_names'],
-                             manifest['spatial_dims'], manifest['records'],
-                             manifest['fingerprint'], manifest['target_spacing_mm'],
-                             manifest['options'])
+  key = data_key(root, max_cases)
+  directory = os.path.join(cache_root, cache_entry_name(options, key))
+  existing = _read_manifest(directory)
+  if existing is not None:
+    return existing
   report = layouts.check_dataset(root, max_cases, options.label_values)
   if report['problems']:
     raise ValueError(f'{root}: {len(report["problems"])} problem(s) found; fix them or remove '
@@ -215,28 +276,38 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
   target = options.target_spacing
   if target == 'auto':
     target = tuple(summary['spacing_median_mm']) if info.spatial_dims == 3 else None
-  os.makedirs(os.path.join(directory, 'cases'), exist_ok=True)
-  rng = np.random.default_rng(0)
-  records = {}
-  for case in cases:
-    image, label, record = _prepare_case(info, case, options, target, len(class_names))
-    base = os.path.join(directory, 'cases', case.case_id)
-    np.save(base + '_image.npy', image)
-    np.save(base + '_label.npy', label)
-    np.savez(base + '_locations.npz', **class_locations(label, len(class_names), rng))
-    record.update(image=case.image, label=case.label)
-    records[case.case_id] = record
-  manifest = {'root': os.path.abspath(root), 'max_cases': max_cases,
-              # The options as resolved ('auto' decided), and the resolved spacing.
-              'options': dataclasses.asdict(options), 'target_spacing_mm': target,
-              'case_ids': [c.case_id for c in cases], 'class_names': class_names,
-              'spatial_dims': info.spatial_dims, 'records': records, 'fingerprint': summary}
-  tmp = manifest_path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(manifest, f, default=list)
-  os.replace(tmp, manifest_path)  # the manifest appears only once every case is written
-  return PreparedDataset(directory, manifest['case_ids'], class_names, info.spatial_dims,
-                         records, summary, target, manifest['options'])
+  os.makedirs(cache_root, exist_ok=True)
+  _remove_abandoned(cache_root)
+  staging = f'{directory}.tmp-{os.getpid()}'
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    os.makedirs(os.path.join(staging, 'cases'))
+    rng = np.random.default_rng(0)
+    records = {}
+    for case in cases:
+      image, label, record = _prepare_case(info, case, options, target, len(class_names))
+      base = os.path.join(staging, 'cases', case.case_id)
+      np.save(base + '_image.npy', image)
+      np.save(base + '_label.npy', label)
+      np.savez(base + '_locations.npz', **class_locations(label, len(class_names), rng))
+      record.update(image=case.image, label=case.label)
+      records[case.case_id] = record
+    manifest = {'root': os.path.abspath(root), 'max_cases': max_cases,
+                # The options as resolved ('auto' decided), and the resolved spacing.
+                'options': dataclasses.asdict(options), 'target_spacing_mm': target,
+                'case_ids': [c.case_id for c in cases], 'class_names': class_names,
+                'spatial_dims': info.spatial_dims, 'records': records, 'fingerprint': summary,
+                'data_key': key}
+    with open(os.path.join(staging, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f, default=list)
+    try:
+      os.rename(staging, directory)  # the entry appears whole, or not at all
+    except OSError:
+      if _read_manifest(directory) is None:  # not a concurrent writer's finished entry
+        raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return _read_manifest(directory)
 
 
 def restore_original_grid(prediction: np.ndarray, record: Dict) -> np.ndarray:

@@ -141,7 +141,7 @@ class SegmentationExperiment(Experiment):
       raise ValueError(f'data.patch_size {self.patch_size} needs {expected_dims} values for '
                        f'{prepared.spatial_dims}D data'
                        f"{' sliced along an axis' if self.slice_axis is not None else ''}")
-    channels = next(iter(self.cases.values()))[0].shape[-1]
+    channels = _common_channels(self.cases, prepared)
     self.sampler = SegmentationSampler(
         {c: self.cases[c] for c in split['train']}, self.patch_size, config.train.batch_size,
         seed=config.seed, foreground_fraction=cfg.foreground_fraction,
@@ -224,8 +224,12 @@ class SegmentationExperiment(Experiment):
     """A new scan prepared exactly as the training cases were (reorientation, resampling,
     crop, normalisation): ``(image [*spatial, C], record)``; the record maps a prediction
     back onto the file's grid (:func:`medjax.data.prepare.restore_original_grid`)."""
-    return prepare.prepare_image(path, self.data.prepared.resolved_options(),
-                                 self.data.prepared.target_spacing)
+    image, record = prepare.prepare_image(path, self.data.prepared.resolved_options(),
+                                          self.data.prepared.target_spacing)
+    if image.shape[-1] != self.input_shape[-1]:
+      raise nifti.VolumeError(f'{path}: {image.shape[-1]} channel(s), but the model was '
+                              f'trained on {self.input_shape[-1]}')
+    return image, record
 
   def describe(self) -> str:
     return f'{self.data.summary()}, patch {self.patch_size}'
@@ -271,6 +275,20 @@ class SegmentationExperiment(Experiment):
                    prepared.options, 'summary': prepared.fingerprint,
                    'split': {k: len(v) for k, v in self.data.splits.items()}}
     return {'split.json': self.data.splits, 'data_fingerprint.json': fingerprint}
+
+
+def _common_channels(cases: Dict[str, Tuple], prepared: prepare.PreparedDataset) -> int:
+  """The channel count all prepared cases share (checked again at load: the cache may
+  hold cases written before the dataset check looked at channels)."""
+  counts = {case_id: arrays[0].shape[-1] for case_id, arrays in cases.items()}
+  if len(set(counts.values())) > 1:
+    first = next(iter(counts))
+    odd = [c for c, n in counts.items() if n != counts[first]]
+    raise nifti.VolumeError(
+        f"{prepared.records[odd[0]]['image']}: {counts[odd[0]]} channel(s), but "
+        f"{prepared.records[first]['image']} has {counts[first]} ({len(odd)} case(s) differ); "
+        'all cases must have the same channels')
+  return next(iter(counts.values()))
 
 
 def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> Dict:
