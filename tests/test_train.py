@@ -26,7 +26,7 @@ def _config(**overrides):
   # 256 train / batch 32 = 8 steps per epoch; 2 epochs. BatchNorm + dropout + augmentation
   # exercise every source of state and randomness.
   c.model = ml_collections.ConfigDict(dict(name='resnet18', width=4, dropout_rate=0.3))
-  config_lib.apply_overrides(c, ['data.augment.rotation_deg=10.0', 'train.log_every_steps=2',
+  config_lib.apply_overrides(c, ['data.augment.rotation_deg=10.0', 'train.log_every_steps=1',
                                  'train.keep_checkpoints=1'])
   config_lib.apply_overrides(c, [f'{k}={v}' for k, v in overrides.items()])
   return c
@@ -194,17 +194,25 @@ def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_pa
                         timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   one, eight = _train_losses(workdir), _train_losses(str(tmp_path))
-  assert one.keys() == eight.keys()
-  steps = sorted(one)
-  # The same math: the first logged loss agrees to float32 rounding. Summation order differs
-  # across devices (the CPU convolutions' weight gradients are matrix products contracted
-  # over the sharded batch), and Adam turns rounding-level gradients of near-zero entries
-  # into full-size updates, so later steps drift (measured with conv_impl='auto': 3e-4
-  # relative by step 8, 4e-3 by step 16; a tolerance from a rounding analysis is issue 11).
-  np.testing.assert_allclose(eight[steps[0]], one[steps[0]], rtol=1e-5)
-  np.testing.assert_allclose([eight[k] for k in steps], [one[k] for k in steps], rtol=1e-2)
+  assert one.keys() == eight.keys() and min(one) == 1  # every step logged
+  # Same parameters, same batch, same math; only the order of the sums across devices
+  # differs (BatchNorm statistics, the loss mean, the gradient all-reduce). Measured on this
+  # test: step 1 equal bit for bit, step 2 to 1e-7, then 4e-5 (step 3) growing to 7e-3.
+  # Step 1 is the loss of the initial parameters: float32 rounding only, so a few ulps.
+  assert abs(eight[1] - one[1]) <= 4 * np.spacing(np.float32(one[1]))
+  # Step 2 follows one Adam update, lr * g / (|g| + eps) ~ lr * sign(g): rounding in g changes
+  # it only where |g| ~ eps, where the loss is flat in that parameter, so the loss still
+  # agrees to rounding (1e-7 measured; 1e-5 is 100x that).
+  np.testing.assert_allclose(eight[2], one[2], rtol=1e-5)
+  # From the second update on, Adam's moments turn those rounding-level differences of
+  # near-zero gradients into O(lr) parameter changes: the drift is no longer bounded by
+  # float32 precision, so later steps are compared as trajectories: epoch means of the loss
+  # (6e-4 apart measured; 1e-2 allowed) and the test AUC (0.006 apart; 0.03 allowed).
+  for epoch in (range(1, 9), range(9, 17)):
+    np.testing.assert_allclose(np.mean([eight[k] for k in epoch]),
+                               np.mean([one[k] for k in epoch]), rtol=1e-2)
   r1, r8 = results_without_run_info(workdir), results_without_run_info(str(tmp_path))
-  assert r8['test']['auc'] == pytest.approx(r1['test']['auc'], abs=0.02)
+  assert r8['test']['auc'] == pytest.approx(r1['test']['auc'], abs=0.03)
 
 
 def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
