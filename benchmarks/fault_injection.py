@@ -7,7 +7,7 @@ times and starting the same command again after each kill, then lets it finish. 
 between two kinds of moment:
 
 * ``random``: a time drawn uniformly from [0, the reference run's wall time];
-* ``checkpoint``: the instant a checkpoint write is seen in progress (Orbax's temporary
+* ``checkpoint``: 0-50 ms after a checkpoint write is seen in progress (Orbax's temporary
   folder appears under ``checkpoints/``), i.e. inside the save.
 
 Each finished trial's ``results.json`` (without ``run_info``: wall time, resume step) and
@@ -55,9 +55,10 @@ def _checkpoint_write_in_progress(workdir: str) -> bool:
 
 
 def run_until(command: List[str], workdir: str, kill_at: Optional[float], at_checkpoint: bool,
-              timeout: float = 900) -> Dict:
-  """Runs ``command`` and kills it with SIGKILL after ``kill_at`` seconds, or at the first
-  checkpoint write seen (``at_checkpoint``), or not at all; returns what happened."""
+              timeout: float = 900, write_delay: float = 0.0) -> Dict:
+  """Runs ``command`` and kills it with SIGKILL after ``kill_at`` seconds, or
+  ``write_delay`` seconds after the first checkpoint write is seen (``at_checkpoint``), or
+  not at all; returns what happened."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   start = time.perf_counter()
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -71,6 +72,8 @@ def run_until(command: List[str], workdir: str, kill_at: Optional[float], at_che
     due = (kill_at is not None and elapsed >= kill_at) or (
         at_checkpoint and _checkpoint_write_in_progress(workdir))
     if due:
+      if at_checkpoint:
+        time.sleep(write_delay)  # somewhere inside the write, not always at its start
       proc.send_signal(signal.SIGKILL)
       killed = True
       break
@@ -104,7 +107,8 @@ def trial(command: List[str], workdir: str, kills: int, reference_s: float,
   for i in range(kills):
     at_checkpoint = (i + first_kind) % 2 == 1
     kill_at = None if at_checkpoint else rng.uniform(0, reference_s)
-    record = run_until(command, workdir, kill_at, at_checkpoint)
+    record = run_until(command, workdir, kill_at, at_checkpoint,
+                       write_delay=rng.uniform(0, 0.05))
     record['kind'] = 'checkpoint' if at_checkpoint else 'random'
     attempts.append(record)
     if not record['killed']:

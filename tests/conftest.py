@@ -35,3 +35,15 @@ def results_without_run_info(workdir) -> dict:
     results = json.load(f)
   results.pop('run_info')
   return results
+
+
+@pytest.fixture(scope='session')
+def quickstart_run(tmp_path_factory) -> str:
+  """Workdir of one uninterrupted in-process run of ``configs/quickstart.py:runlocal`` (seed
+  0), shared by the tests that need such a run as a reference. Read it, never write to it:
+  copy it first."""
+  from medjax import config as config_lib, train as train_lib
+  workdir = str(tmp_path_factory.mktemp('quickstart') / 'seed0')
+  train_lib.train_and_evaluate(config_lib.load_config_file('configs/quickstart.py:runlocal'),
+                               workdir)
+  return workdir

@@ -240,3 +240,23 @@ def test_interrupted_preparation_leaves_no_entry(tmp_path, monkeypatch):
   prepared = prepare.prepare(root, str(cache))
   assert _entries(cache) == [os.path.basename(prepared.directory)]
   assert len(prepared.case_ids) == 3
+
+
+# ----- SIGKILL at any moment ---------------------------------------------------------------
+def test_killed_inside_a_checkpoint_write_and_at_random_resumes_to_identical_results(
+    tmp_path, quickstart_run):
+  """benchmarks/fault_injection.py with two kills (N=20 by hand: see the script): one inside
+  a checkpoint write, one at a random moment; the finished workdir equals an uninterrupted
+  run's (results.json without run_info, every metrics record but throughput)."""
+  import random
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  import fault_injection
+  workdir = str(tmp_path / 'killed')
+  command = fault_injection.train_command('configs/quickstart.py:runlocal', workdir, [])
+  reference_s = 10 + json.load(open(os.path.join(quickstart_run, 'results.json')))[
+      'run_info']['wall_time_s']
+  attempts = fault_injection.trial(command, workdir, 2, reference_s, random.Random(1),
+                                   first_kind=1)
+  assert attempts[0]['kind'] == 'checkpoint' and attempts[0]['killed'], attempts
+  assert attempts[-1]['returncode'] == 0 and not attempts[-1]['killed'], attempts
+  assert fault_injection.comparable(workdir) == fault_injection.comparable(quickstart_run)

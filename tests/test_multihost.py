@@ -26,13 +26,10 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, quickstart_run):
   base = [sys.executable, '-m', 'medjax.cli', 'train', '--config',
           'configs/quickstart.py:runlocal']
-  single = str(tmp_path / 'single')
-  proc = subprocess.run(base + ['--workdir', single], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  single = quickstart_run  # one process, one device
 
   multi = str(tmp_path / 'multi')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
