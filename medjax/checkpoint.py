@@ -31,8 +31,17 @@ def _ranking_value(metrics: Dict[str, float], key: str, mode: str) -> float:
 
 def make_manager(workdir: str, keep: int, selection_metric: str,
                  selection_mode: str) -> ocp.CheckpointManager:
-  if selection_mode not in ('max', 'min'):
-    raise ValueError(f"train.selection_mode must be 'max' or 'min', got '{selection_mode}'")
+  """Keeps the latest ``keep`` checkpoints plus the best by ``selection_metric``
+  (``selection_mode`` 'max' or 'min'); with 'last', only the latest, and the last one is
+  the selected one (as MedMNIST's official script reports its test figures)."""
+  if selection_mode not in ('max', 'min', 'last'):
+    raise ValueError("train.selection_mode must be 'max', 'min' or 'last', got "
+                     f"'{selection_mode}'")
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if selection_mode == 'last':
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max(keep, 1), enable_async_checkpointing=False,
+        cleanup_tmp_directories=True))
   rank = lambda m: _ranking_value(m, selection_metric, selection_mode)  # noqa: E731
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(max(keep, 1)),
@@ -42,8 +51,7 @@ def make_manager(workdir: str, keep: int, selection_metric: str,
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=rank, best_mode=selection_mode,
       enable_async_checkpointing=False, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 class CorruptCheckpoint(ValueError):
@@ -119,6 +127,3 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: Any
       print(f'warning: {e}; moved to {aside}, trying the previous checkpoint')
   return None
 
-
-def restore_meta(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
-  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

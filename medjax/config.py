@@ -137,7 +137,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.steps_per_epoch = 0
   c.train.keep_checkpoints = 2        # latest N kept, plus the best by selection_metric
   c.train.selection_metric = 'auc'    # validation metric that picks the final checkpoint
-  c.train.selection_mode = 'max'      # 'max' | 'min'
+  c.train.selection_mode = 'max'      # 'max' | 'min' | 'last' (last checkpoint, no selection)
   c.train.progress_bar = True
   # Stop after this many steps in this invocation (0 = no limit). For tests of resume.
   c.train.stop_after_steps = 0

@@ -49,6 +49,29 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
+class RefusedOnProcess0(ValueError):
+  """Another process of a multi-host run: process 0 refused to start (its message says why)."""
+
+
+def agree_with_process0(check) -> None:
+  """Runs ``check()`` (which may raise) on process 0 and makes every process share the
+  outcome: a refusal on process 0 is raised on all of them, so no process goes on alone
+  to wait forever in the first collective."""
+  error = None
+  if is_main():
+    try:
+      check()
+    except (ValueError, OSError) as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if int(failed) and error is None:
+      raise RefusedOnProcess0('process 0 refused to start this run; its error says why')
+  if error is not None:
+    raise error
+
+
 def write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON to ``path`` atomically (process 0 only)."""
   if not is_main():
@@ -110,8 +133,11 @@ def start_run(workdir: str, config: ml_collections.ConfigDict, run_files: Dict[s
   the same run files (the same data); otherwise it is refused with the differences and the
   workdir is left as it was. Every start appends to ``config_history.jsonl``.
   """
-  if not is_main():
-    return
+  agree_with_process0(lambda: _start_run(workdir, config, run_files, resume_step,
+                                         allow_change))
+
+
+def _start_run(workdir, config, run_files, resume_step, allow_change) -> None:
   unknown = sorted(set(allow_change) - set(CHANGEABLE_ON_RESUME))
   if unknown:
     raise WorkdirMismatch(f"--allow_change {', '.join(unknown)}: only "
@@ -179,10 +205,19 @@ def lock(workdir: str):
   """One training process per workdir: ``train.lock`` holds the holder's pid and host while
   it runs. A second one is refused with both; a lock left by a process of this host that no
   longer exists (killed with -9) is taken over."""
-  if not is_main():
-    yield
-    return
   path = os.path.join(workdir, 'train.lock')
+  taken = []
+  agree_with_process0(lambda: taken.append(_take_lock(path, workdir)))
+  try:
+    yield
+  finally:
+    if any(taken):  # process 0 holds it
+      with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def _take_lock(path: str, workdir: str) -> bool:
+  """Creates ``train.lock`` (taking over a stale one); raises WorkdirLocked if held."""
   me = {'pid': os.getpid(), 'host': platform.node(), 'since': time.strftime('%Y-%m-%dT%H:%M:%S')}
   for _ in range(2):
     try:
@@ -202,12 +237,8 @@ def lock(workdir: str):
           f'finish, or delete {path} if that process no longer runs') from None
     with os.fdopen(fd, 'w') as f:
       json.dump(me, f)
-    break
-  try:
-    yield
-  finally:
-    with contextlib.suppress(OSError):
-      os.remove(path)
+    return True
+  raise WorkdirLocked(f'{path}: could not be taken (another process keeps recreating it)')
 
 
 def versions() -> Dict[str, str]:

@@ -61,6 +61,36 @@ def test_xavier_initializer_and_errors():
     _shapes(build_model('simple_cnn', 2), (1, 28, 1))
 
 
+def test_torch_initializer_is_pytorchs_default_layer_init():
+  """initializer='torch': every weight and bias U(-b, b), b = 1/sqrt(fan_in), as PyTorch's
+  Conv/Linear reset_parameters (kaiming_uniform_(a=sqrt(5)) and the bias bound); checked
+  per leaf with a Kolmogorov-Smirnov test against SciPy's uniform distribution."""
+  from scipy import stats
+  model = build_model('simple_cnn', 3, features=(32, 64), hidden=128, initializer='torch')
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))['params']
+  fan_in = {'Conv_0': 9 * 1, 'Conv_1': 9 * 32, 'Dense_0': 7 * 7 * 64, 'Dense_1': 128}
+  for layer, n in fan_in.items():
+    bound = 1 / np.sqrt(n)
+    for name in ('kernel', 'bias'):
+      values = np.asarray(params[layer][name]).ravel()
+      assert np.abs(values).max() <= bound, (layer, name)
+      assert stats.kstest(values, stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-3, (
+          layer, name)
+  head = build_model('resnet18', 2, width=8, initializer='torch').init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))['params']
+  kernel = np.asarray(head['stage2_block1']['Conv_0']['kernel'])  # 3x3, 8 -> 16 channels
+  assert stats.kstest(kernel.ravel(), stats.uniform(-1 / np.sqrt(72), 2 / np.sqrt(72)).cdf
+                      ).pvalue > 1e-3
+  assert np.abs(np.asarray(head['head']['bias'])).max() > 0  # PyTorch's Linear bias is random
+  # 'he' keeps zero biases (unchanged default).
+  he = build_model('simple_cnn', 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  assert not np.asarray(he['params']['Dense_1']['bias']).any()
+  with pytest.raises(ValueError, match="unknown initializer 'kaiming'; expected one of he, "
+                                       "xavier, torch"):
+    build_model('simple_cnn', 3, initializer='kaiming').init(jax.random.PRNGKey(0),
+                                                             jnp.zeros((1, 28, 28, 1)))
+
+
 def test_register_a_new_model_in_a_few_lines():
   @register_model('test_tiny_mlp')
   class TinyMLP(nn.Module):

@@ -34,14 +34,24 @@ def test_two_processes_match_one_process(tmp_path, quickstart_run):
   multi = str(tmp_path / 'multi')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  address = f'127.0.0.1:{_free_port()}'
-  procs = [subprocess.Popen(base + ['--workdir', multi, '--coordinator_address', address,
-                                    '--num_processes', '2', '--process_id', str(i)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in procs]
+
+  def run_two(*extra):
+    address = f'127.0.0.1:{_free_port()}'
+    procs = [subprocess.Popen(base + ['--workdir', multi, '--coordinator_address', address,
+                                      '--num_processes', '2', '--process_id', str(i), *extra],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return procs, [p.communicate(timeout=600) for p in procs]
+
+  procs, outputs = run_two()
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-2000:]
+  # A refusal on process 0 (here: resuming with another config) stops every process with a
+  # one-line error; none is left waiting in a collective.
+  procs, outputs = run_two('--config.optimizer.learning_rate=0.1')
+  assert [p.returncode for p in procs] == [2, 2], [err[-1000:] for _, err in outputs]
+  assert 'with another config (optimizer.learning_rate' in outputs[0][1]
+  assert 'process 0 refused to start this run' in outputs[1][1]
 
   one, two = _records(single), _records(multi)
   assert [(r['split'], r['step']) for r in one] == [(r['split'], r['step']) for r in two]

@@ -215,6 +215,23 @@ def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_pa
   assert r8['test']['auc'] == pytest.approx(r1['test']['auc'], abs=0.03)
 
 
+def test_selection_last_reports_the_last_checkpoint(tmp_path):
+  """selection_mode='last': no selection on the validation set; the final checkpoint is
+  the one scored (as MedMNIST's official script does), and only the latest are kept."""
+  config = config_lib.load_config_file('configs/quickstart.py:runlocal')
+  config_lib.apply_overrides(config, ['train.selection_mode=last', 'train.keep_checkpoints=1',
+                                      'model.initializer=torch'])
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert results['selected_step'] == 16 and results['selection_mode'] == 'last'
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['16']
+  val = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in val if r['split'] == 'val'] == [8, 16]  # still evaluated
+  assert train_lib.evaluate_workdir(str(tmp_path), 'test', write=False)['metrics'] == \
+      results['test']
+  with pytest.raises(ValueError, match="selection_mode must be 'max', 'min' or 'last'"):
+    checkpoint.make_manager(str(tmp_path / 'x'), 1, 'auc', 'best')
+
+
 def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
   train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 2}), str(tmp_path))
   with pytest.raises(ValueError, match=r"trained to step 2 with another config "

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax.models.conv import make_conv
-from medjax.models.layers import dense_init, kernel_init, spatial_dims
+from medjax.models.layers import bias_init, dense_init, kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
 
@@ -20,7 +20,7 @@ class SimpleCNN(nn.Module):
     features: channels of the convolution stages.
     hidden: width of the hidden dense layer.
     dropout_rate: dropout before the output layer.
-    initializer: 'he' or 'xavier' kernel initialisation.
+    initializer: 'he', 'xavier' or 'torch' (``medjax.models.layers.kernel_init``).
     conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per backend).
   """
   num_outputs: int
@@ -35,10 +35,14 @@ class SimpleCNN(nn.Module):
     nd = spatial_dims(x)
     init = kernel_init(self.initializer)
     for f in self.features:
-      x = make_conv(f, (3,) * nd, conv_impl=self.conv_impl, kernel_init=init)(x)
+      x = make_conv(f, (3,) * nd, conv_impl=self.conv_impl, kernel_init=init,
+                    bias_init=bias_init(self.initializer, 3**nd * x.shape[-1]))(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (2,) * nd, strides=(2,) * nd)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.hidden, kernel_init=dense_init(self.initializer))(x))
+    x = nn.relu(nn.Dense(self.hidden, kernel_init=dense_init(self.initializer),
+                         bias_init=bias_init(self.initializer, x.shape[-1]))(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer))(x).astype(jnp.float32)
+    x = nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer),
+                 bias_init=bias_init(self.initializer, x.shape[-1]))(x)
+    return x.astype(jnp.float32)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax.models.conv import make_conv
-from medjax.models.layers import dense_init, kernel_init, spatial_dims
+from medjax.models.layers import bias_init, dense_init, kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
 
@@ -86,7 +86,7 @@ class ResNet(nn.Module):
     width: channels of the first stage (64 in the paper); stages double it.
     stem: 'medmnist' or 'imagenet' (see module docstring).
     dropout_rate: dropout before the classifier.
-    initializer: 'he' or 'xavier' kernel initialisation.
+    initializer: 'he', 'xavier' or 'torch' (``medjax.models.layers.kernel_init``).
     zero_init_residual: last BatchNorm of each block starts at zero (Goyal et al. 2017).
     conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per backend).
   """
@@ -130,7 +130,8 @@ class ResNet(nn.Module):
                       name=f'stage{i + 1}_block{j + 1}')(x)
     x = jnp.mean(x, axis=tuple(range(1, nd + 1)))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer), name='head')(x)
+    return nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer),
+                    bias_init=bias_init(self.initializer, x.shape[-1]), name='head')(x)
 
 
 def _variant(name: str, stage_sizes, block):

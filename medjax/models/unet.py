@@ -80,6 +80,9 @@ class UNet(nn.Module):
     upsample: 'transpose' (transposed convolution) or 'resize' (linear resize + 1x1 conv;
       avoids the slow 3D transposed-convolution backward pass of some backends).
     deep_supervision: also return lower-resolution logits when training.
+    negative_slope: of the LeakyReLU.
+    initializer: convolution kernels 'he', 'xavier' or 'torch'
+      (``medjax.models.layers.kernel_init``); biases start at zero.
     conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per
       backend). Transposed convolutions with kernel = stride run as a matrix product on CPU.
   """
