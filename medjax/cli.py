@@ -9,6 +9,7 @@
   medjax explain --workdir DIR --input FILE_OR_FOLDER --output DIR [--layer NAME] [--class C]
   medjax report --workdir DIR            (one HTML page; DIR may hold several seeds/folds)
   medjax compare DIR1 DIR2 ... [--output comparison.md]
+  medjax benchmark medmnist --datasets breastmnist,pneumoniamnist --seeds 0,1,2 --workdir DIR
 
 Running ``train`` again on the same workdir resumes from its latest checkpoint.
 
@@ -123,6 +124,21 @@ def _parser() -> argparse.ArgumentParser:
   compare.add_argument('workdirs', nargs='+')
   compare.add_argument('--output', default='comparison.md',
                        help='Markdown file; a .csv with the same name is written beside it')
+  benchmark = sub.add_parser('benchmark', help='published benchmarks over several seeds')
+  benchmark_sub = benchmark.add_subparsers(dest='benchmark', required=True)
+  medmnist = benchmark_sub.add_parser(
+      'medmnist', help='train a MedMNIST recipe for N seeds per dataset; print test AUC/ACC '
+      '(mean ± sd) beside the published 28 px figures')
+  medmnist.add_argument('--datasets', default='breastmnist,pneumoniamnist',
+                        help='comma-separated MedMNIST flags')
+  medmnist.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
+  medmnist.add_argument('--workdir', required=True,
+                        help='one workdir per run under WORKDIR/<dataset>/<recipe>/seed_<K>')
+  medmnist.add_argument('--recipe', default='',
+                        help='a config file used for every dataset (default: '
+                             'configs/<dataset>.py, the paper recipe)')
+  medmnist.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='config override for every run (repeatable)')
   return parser
 
 
@@ -148,7 +164,7 @@ def _run(args, overrides: List[str]) -> int:
   if args.command == 'data':
     return _data_check(args)
   commands = {'score': _score, 'predict': _predict, 'explain': _explain, 'report': _report,
-              'compare': _report}
+              'compare': _report, 'benchmark': _benchmark}
   from medjax import config as config_lib  # after parsing: --help stays fast
   if overrides and args.command != 'train':
     raise config_lib.ConfigError('--config.* overrides apply to train only')
@@ -223,6 +239,12 @@ def _report(args) -> int:
     print(f'wrote {report.write_report(args.workdir, args.output)}')
   else:
     print(report.compare(args.workdirs, args.output))
+  return 0
+
+
+def _benchmark(args) -> int:
+  from medjax import benchmark
+  print(benchmark.main_medmnist(args.datasets, args.seeds, args.workdir, args.recipe, args.set))
   return 0
 
 

@@ -1,0 +1,45 @@
+"""``medjax benchmark medmnist``: N seeds per dataset, one table beside the published figures."""
+
+import json
+import os
+
+import numpy as np
+
+from conftest import fake_medmnist
+from medjax import benchmark, cli
+
+
+def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys):
+  data = tmp_path / 'data'
+  data.mkdir()
+  fake_medmnist(data / 'breastmnist.npz', (28, 28), 2)
+  out = tmp_path / 'bench'
+  argv = ['benchmark', 'medmnist', '--datasets', 'breastmnist', '--seeds', '0,1', '--workdir',
+          str(out), '--recipe', 'configs/breastmnist.py:runlocal', '--set', f'data.path={data}', '--set', 'train.num_epochs=1', '--set',
+          'data.max_examples=32']
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  runs = [json.load(open(out / 'breastmnist' / 'breastmnist_runlocal' / f'seed_{s}' /
+                         'results.json')) for s in (0, 1)]
+  assert [r['seed'] for r in runs] == [0, 1]
+  auc = [r['test']['auc'] for r in runs]
+  acc = [r['test']['accuracy'] for r in runs]
+  row = json.load(open(out / 'benchmark.json'))['rows'][0]
+  assert row['test_auc_mean'] == np.mean(auc) and row['test_auc_sd'] == np.std(auc, ddof=1)
+  assert row['test_acc_sd'] == np.std(acc, ddof=1)
+  line = [x for x in printed.splitlines() if x.startswith('| breastmnist')][0]
+  assert f'{np.mean(auc):.3f} ± {np.std(auc, ddof=1):.3f}' in line
+  assert '0.901 / 0.863' in line and '0.876 / 0.840' in line and '0.919 / 0.863' in line
+  assert open(out / 'benchmark.md').read().strip() in printed
+  # Again: finished runs are read, not trained again.
+  stamp = os.stat(out / 'breastmnist' / 'breastmnist_runlocal' / 'seed_0' / 'results.json')
+  assert cli.main(argv) == 0
+  assert os.stat(out / 'breastmnist' / 'breastmnist_runlocal' / 'seed_0' /
+                 'results.json').st_mtime_ns == stamp.st_mtime_ns
+  assert '== breastmnist' not in capsys.readouterr().out
+
+
+def test_published_table_has_no_dataset_without_a_recipe():
+  for figures in benchmark.PUBLISHED.values():
+    for dataset in figures:
+      assert os.path.exists(os.path.join('configs', f'{dataset}.py')), dataset
