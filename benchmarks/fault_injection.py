@@ -46,12 +46,11 @@ def train_command(config: str, workdir: str, settings: Sequence[str]) -> List[st
   return command
 
 
-def _checkpoint_write_in_progress(workdir: str) -> bool:
+def _checkpoint_temporaries(workdir: str) -> set:
   try:
-    names = os.listdir(os.path.join(workdir, 'checkpoints'))
+    return {n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'tmp' in n}
   except FileNotFoundError:
-    return False
-  return any('tmp' in name for name in names)
+    return set()
 
 
 def run_until(command: List[str], workdir: str, kill_at: Optional[float], at_checkpoint: bool,
@@ -64,13 +63,14 @@ def run_until(command: List[str], workdir: str, kill_at: Optional[float], at_che
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   killed = False
+  left_over = _checkpoint_temporaries(workdir)  # from an earlier kill: not a write of this run
   while proc.poll() is None:
     elapsed = time.perf_counter() - start
     if elapsed > timeout:
       proc.kill()
       raise TimeoutError(f'{command}: no exit after {timeout} s')
     due = (kill_at is not None and elapsed >= kill_at) or (
-        at_checkpoint and _checkpoint_write_in_progress(workdir))
+        at_checkpoint and _checkpoint_temporaries(workdir) - left_over)
     if due:
       if at_checkpoint:
         time.sleep(write_delay)  # somewhere inside the write, not always at its start
