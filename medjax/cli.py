@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument('--config', required=True,
                      help='config file, optionally with an argument: configs/x.py[:runlocal]')
   train.add_argument('--workdir', required=True, help='directory for checkpoints and results')
+  train.add_argument('--seeds', default='', metavar='K,K,...',
+                     help='train these seeds together in one compiled program '
+                          '(train.seeds): one workdir each, WORKDIR/seed_<K>, and '
+                          'WORKDIR/summary.json')
   train.add_argument('--allow_change', action='append', default=[], metavar='KEY',
                      help='resume with a new value of KEY (train.num_epochs, '
                           'train.eval_every_epochs, train.log_every_steps or '
@@ -173,6 +177,8 @@ def _run(args, overrides: List[str]) -> int:
   if args.command == 'train':
     config = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(config, overrides)
+    if args.seeds:
+      config.train.seeds = tuple(int(k) for k in args.seeds.split(',') if k.strip())
     if args.distributed or args.coordinator_address:
       initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   from medjax import train as train_lib
@@ -185,7 +191,7 @@ def _run(args, overrides: List[str]) -> int:
   except train_lib.TrainingDiverged as e:
     print(f'medjax: training failed: {e}', file=sys.stderr)
     return EXIT_RUN_FAILED
-  if 'val' in results:
+  if 'val' in results and 'headline_metrics' in results and 'splits' not in results:
     _print_metrics(results)
   return 0
 

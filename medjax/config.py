@@ -139,6 +139,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.selection_metric = 'auc'    # validation metric that picks the final checkpoint
   c.train.selection_mode = 'max'      # 'max' | 'min' | 'last' (last checkpoint, no selection)
   c.train.progress_bar = True
+  # Several seeds trained together in one compiled program (vmap), one workdir each under
+  # DIR/seed_<K>; () = one run with `seed` (medjax.seeds).
+  c.train.seeds = ()
   # Stop after this many steps in this invocation (0 = no limit). For tests of resume.
   c.train.stop_after_steps = 0
   return c

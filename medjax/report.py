@@ -27,12 +27,21 @@ def _read_json(path: str, default=None):
     return json.load(f)
 
 
+def _is_seed_group(path: str) -> bool:
+  """A folder trained with ``train.seeds``: its runs are its ``seed_<K>`` subfolders."""
+  try:
+    with open(os.path.join(path, 'config.json')) as f:
+      return bool(json.load(f).get('train', {}).get('seeds'))
+  except (OSError, ValueError):
+    return False
+
+
 def find_runs(path: str) -> List[str]:
   """``path`` if it is a run (has config.json), else the runs in its subfolders (two levels
   deep, sorted): a folder of seeds or folds."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: no such folder')
-  if os.path.exists(os.path.join(path, 'config.json')):
+  if os.path.exists(os.path.join(path, 'config.json')) and not _is_seed_group(path):
     return [path]
   runs = []
   for root, dirs, files in os.walk(path):

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import checkpoint, config as config_lib, plots, workdir as workdir_lib
+from medjax import checkpoint, config as config_lib, plots, seeds as seeds_lib
+from medjax import workdir as workdir_lib
 from medjax.experiments import Experiment, TrainingDiverged, make_experiment
 from medjax.models import summary as model_summary_lib
 
@@ -117,14 +118,20 @@ def _start(exp: Experiment, manager, workdir: str):
     print(f'Resuming from checkpoint at step {step} in {workdir}')
     return state, int(jax.device_get(state.step)), list(meta.get('pending_train_losses', []))
   state = exp.init_state()
+  write_model_summary(exp, state, workdir)
+  return state, 0, []
+
+
+def write_model_summary(exp: Experiment, state, workdir: str, announce: bool = True) -> None:
+  """``model_summary.json``/``.txt`` of a fresh run; ``announce`` prints it."""
   summary = exp.model_summary(state)
   workdir_lib.write_json(os.path.join(workdir, 'model_summary.json'), summary)
   if workdir_lib.is_main():
     with open(os.path.join(workdir, 'model_summary.txt'), 'w') as f:
       f.write(model_summary_lib.format_summary(summary, max_depth=99) + '\n')
-  print(f'{exp.describe()}\n{model_summary_lib.format_summary(summary)}\ntask {exp.task}, '
-        f'{jax.device_count()} device(s), {exp.steps_per_epoch} steps/epoch')
-  return state, 0, []
+  if announce:
+    print(f'{exp.describe()}\n{model_summary_lib.format_summary(summary)}\ntask {exp.task}, '
+          f'{jax.device_count()} device(s), {exp.steps_per_epoch} steps/epoch')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -136,86 +143,167 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Resuming needs the config and data the workdir was trained with; ``allow_change`` names
   keys that may differ (``workdir.CHANGEABLE_ON_RESUME``, e.g. ``train.num_epochs``).
   One process trains a workdir at a time (``train.lock``).
+
+  With ``train.seeds`` (e.g. ``(0, 1, 2)``) the seeds are trained together in one compiled
+  program (:mod:`medjax.seeds`): ``workdir/seed_<K>/`` is each seed's workdir, and the
+  return value is ``summary.json``'s content.
   """
   config = config_lib.resolve(config)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.lock(workdir):
+    if len(config.train.seeds):
+      return _train_seeds(config, workdir, allow_change)
     return _train(config, workdir, allow_change)
+
+
+class Member:
+  """One run trained by the loop: its experiment, workdir, checkpoints and log."""
+
+  def __init__(self, exp: Experiment, workdir: str):
+    self.exp, self.workdir = exp, workdir
+    tcfg = exp.config.train
+    self.manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints,
+                                           tcfg.selection_metric, tcfg.selection_mode)
+    self.log = None
+    self.pending: list = []
+    self.blowup = LossBlowup()
+
+  def start_run(self, allow_change: Sequence[str]) -> None:
+    workdir_lib.start_run(self.workdir, self.exp.config, self.exp.run_files(),
+                          self.manager.latest_step(), allow_change)
+    workdir_lib.write_json(os.path.join(self.workdir, 'command.json'),
+                           workdir_lib.run_command())
+
+  def meta(self, step: int, pending_losses=()) -> Dict[str, Any]:
+    # Unlogged losses travel in the checkpoint, so a resumed run logs what an uninterrupted
+    # run would.
+    return {'step': step, 'epoch': step / self.exp.steps_per_epoch, 'pending_train_losses':
+            [float(x) for x in jax.device_get(list(pending_losses))]}
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
            allow_change: Sequence[str]) -> Dict[str, Any]:
   start_time = time.time()
-  exp = make_experiment(config)
-  tcfg = config.train
-  manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints, tcfg.selection_metric,
-                                    tcfg.selection_mode)
-  workdir_lib.start_run(workdir, config, exp.run_files(), manager.latest_step(), allow_change)
-  workdir_lib.write_json(os.path.join(workdir, 'command.json'), workdir_lib.run_command())
-  state, start_step, pending = _start(exp, manager, workdir)
-  log = workdir_lib.MetricsLog(workdir, start_step)
+  member = Member(make_experiment(config), workdir)
+  member.start_run(allow_change)
+  state, start_step, member.pending = _start(member.exp, member.manager, workdir)
+  stopped = _loop([member], state, start_step, member.exp.train_step,
+                  member.exp.train_iterator(start_step), lambda state, k: state)
+  if stopped is not None:
+    return stopped
+  return _finish(member, start_time, start_step)
+
+
+def _train_seeds(config: ml_collections.ConfigDict, workdir: str,
+                 allow_change: Sequence[str]) -> Dict[str, Any]:
+  """``train.seeds`` trained in one program (:mod:`medjax.seeds`); returns
+  ``summary.json``'s content (or ``{'stopped_at_step': N}``)."""
+  start_time = time.time()
+  seeds = seeds_lib.check_seeds(config)
+  members = [Member(make_experiment(seeds_lib.member_config(config, k)),
+                    seeds_lib.seed_workdir(workdir, k)) for k in seeds]
+  latest = [m.manager.latest_step() for m in members]
+  workdir_lib.start_run(workdir, config, {}, max((s for s in latest if s is not None),
+                                                 default=None), allow_change)
+  for member in members:
+    os.makedirs(member.workdir, exist_ok=True)
+    member.start_run(allow_change)
+  group = seeds_lib.Group(members)
+  state, start_step = seeds_lib.start(
+      group, lambda m, one, k: write_model_summary(m.exp, one, m.workdir, announce=k == 0))
+  stopped = _loop(members, state, start_step, group.train_step, group.batches(start_step),
+                  group.member_state)
+  if stopped is not None:
+    return stopped
+  del state
+  results = [_finish(m, start_time, start_step) for m in members]
+  summary = seeds_lib.summarize(members[0].exp, seeds, results, [m.workdir for m in members],
+                                workdir)
+  workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  print(seeds_lib.format_summary(summary))
+  return summary
+
+
+def _finish(member: Member, start_time: float, start_step: int) -> Dict[str, Any]:
+  """Scores the selected checkpoint and writes ``results.json`` and the plots."""
+  results = finalize(member.exp, member.manager, member.workdir)
+  results['run_info'] = {'wall_time_s': time.time() - start_time,
+                         'resumed_from_step': start_step, 'devices': jax.device_count(),
+                         'platform': jax.devices()[0].platform}
+  workdir_lib.write_json(os.path.join(member.workdir, 'results.json'), results)
+  plots.write_plots_safely(member.workdir)
+  return results
+
+
+def _loop(members: Sequence[Member], state, start_step: int, train_step, batches,
+          member_state) -> Optional[Dict[str, Any]]:
+  """The training loop over ``members`` trained as one program: ``train_step(state,
+  images, labels)`` advances them all (its ``loss`` holds one value per member, or a scalar
+  for one); ``member_state(state, k)`` is member ``k``'s state. Each member logs, evaluates,
+  checkpoints and stops with its own workdir. Returns ``{'stopped_at_step': N}`` if stopped
+  early, else None."""
+  exp, tcfg = members[0].exp, members[0].exp.config.train
+  for member in members:
+    member.log = workdir_lib.MetricsLog(member.workdir, start_step)
   cadence = Cadence(exp, start_step)
-
-  def meta(step, pending_losses=()):
-    # Unlogged losses travel in the checkpoint, so a resumed run logs what an uninterrupted
-    # run would.
-    return {'step': step, 'epoch': step / exp.steps_per_epoch, 'pending_train_losses':
-            [float(x) for x in jax.device_get(list(pending_losses))]}
-
   progress = None
   if tcfg.progress_bar and workdir_lib.is_main():
     from tqdm import tqdm  # only when a bar is drawn
     progress = tqdm(total=exp.total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   step, interval_start, interval_steps = start_step, time.time(), 0
-  blowup = LossBlowup()
-  with preemption_flag() as preempted, contextlib.closing(log):
+  with preemption_flag() as preempted, contextlib.ExitStack() as logs:
+    for member in members:
+      logs.enter_context(contextlib.closing(member.log))
     try:
-      for images, labels in exp.train_iterator(start_step):
-        state, step_metrics = exp.train_step(state, images, labels)
+      for images, labels in batches:
+        state, step_metrics = train_step(state, images, labels)
         step, interval_steps = step + 1, interval_steps + 1
-        pending.append(step_metrics['loss'])
+        losses_now = step_metrics['loss']
+        for k, member in enumerate(members):
+          member.pending.append(losses_now if len(members) == 1 else losses_now[k])
         if progress is not None:
           progress.update(1)
         log_now, eval_now = cadence.log(step), cadence.evaluate(step)
         stop_now = cadence.stop(step, preempted['requested'])
         if not (log_now or eval_now or stop_now):
           continue
-        losses = np.asarray(jax.device_get(pending), np.float64)
-        _check_finite(losses, step, manager, workdir)
-        if eval_now or stop_now:
-          _check_params(state, step, manager, workdir)
+        elapsed = max(time.time() - interval_start, 1e-9)
+        for k, member in enumerate(members):
+          losses = np.asarray(jax.device_get(member.pending), np.float64)
+          _check_finite(losses, step, member.manager, member.workdir)
+          if eval_now or stop_now:
+            _check_params(member_state(state, k), step, member.manager, member.workdir)
+          if log_now or eval_now:
+            member.log.write({'step': step, 'epoch': step / exp.steps_per_epoch,
+                              'split': 'train', 'loss': float(losses.mean()),
+                              'learning_rate': float(exp.schedule(step - 1)),
+                              'images_per_sec': interval_steps * exp.global_batch / elapsed})
+            if progress is not None and k == 0:
+              progress.set_postfix(loss=f'{losses.mean():.4f}')
+            member.blowup.check(step, float(losses.mean()))
+            member.pending = []
         if log_now or eval_now:
-          elapsed = max(time.time() - interval_start, 1e-9)
-          log.write({'step': step, 'epoch': step / exp.steps_per_epoch, 'split': 'train',
-                     'loss': float(losses.mean()),
-                     'learning_rate': float(exp.schedule(step - 1)),
-                     'images_per_sec': interval_steps * exp.global_batch / elapsed})
-          if progress is not None:
-            progress.set_postfix(loss=f'{losses.mean():.4f}')
-          blowup.check(step, float(losses.mean()))
-          pending, interval_start, interval_steps = [], time.time(), 0
+          interval_start, interval_steps = time.time(), 0
         if eval_now:
-          val_metrics, _ = exp.evaluate(state, 'val')
-          log.write({'step': step, 'epoch': step / exp.steps_per_epoch, 'split': 'val',
-                     **workdir_lib.scalars(val_metrics)})
-          checkpoint.save(manager, step, state, meta(step), workdir_lib.scalars(val_metrics))
+          for k, member in enumerate(members):
+            one = member_state(state, k)
+            val_metrics, _ = member.exp.evaluate(one, 'val')
+            member.log.write({'step': step, 'epoch': step / exp.steps_per_epoch, 'split': 'val',
+                              **workdir_lib.scalars(val_metrics)})
+            checkpoint.save(member.manager, step, one, member.meta(step),
+                            workdir_lib.scalars(val_metrics))
           interval_start = time.time()
         if stop_now:
           if not eval_now:
-            checkpoint.save(manager, step, state, meta(step, pending))
+            for k, member in enumerate(members):
+              checkpoint.save(member.manager, step, member_state(state, k),
+                              member.meta(step, member.pending))
           print(f'Stopped at step {step}; run the same command again to resume.')
           return {'stopped_at_step': step}
     finally:
       if progress is not None:
         progress.close()
-
-  results = finalize(exp, manager, workdir)
-  results['run_info'] = {'wall_time_s': time.time() - start_time,
-                         'resumed_from_step': start_step, 'devices': jax.device_count(),
-                         'platform': jax.devices()[0].platform}
-  workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
-  plots.write_plots_safely(workdir)
-  return results
+  return None
 
 
 def finalize(exp: Experiment, manager, workdir: str,
@@ -246,6 +334,9 @@ def restore_workdir(workdir: str, step: Optional[int] = None):
   """(experiment, state, step) of the selected (best) or given checkpoint of ``workdir``,
   built from the workdir's own config.json."""
   config = workdir_lib.read_config(workdir)
+  if len(config.train.seeds):
+    raise ValueError(f'{workdir} holds several seeds (train.seeds {list(config.train.seeds)}); '
+                     f'use one of its seed_<K> workdirs')
   exp = make_experiment(config)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
                                     config.train.selection_metric, config.train.selection_mode)

@@ -247,14 +247,13 @@ def test_bad_task_and_loss_are_errors():
     ClassificationExperiment(config_lib.resolve(_config(**{'loss.name': 'dice'})), data)
 
 
-def test_cli_train_then_evaluate(tmp_path):
+def test_cli_evaluate_reproduces_results(tmp_path, quickstart_run):
+  """``medjax evaluate`` in a fresh process prints the selected checkpoint's metrics, equal
+  to results.json (``medjax train`` through the CLI runs in test_faults and test_multihost)."""
+  import shutil
   workdir = str(tmp_path / 'w')
+  shutil.copytree(quickstart_run, workdir)
   cmd = [sys.executable, '-m', 'medjax.cli']
-  proc = subprocess.run(cmd + ['train', '--config', 'configs/quickstart.py:runlocal',
-                               '--workdir', workdir, '--config.train.num_epochs=1'],
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert 'test' in proc.stdout and 'auc' in proc.stdout
   proc = subprocess.run(cmd + ['evaluate', '--workdir', workdir, '--split', 'test'],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -273,6 +272,7 @@ def test_medmnist_recipes_run_on_real_data(config_file, path_parts, tmp_path):
   from conftest import shared_file
   shared_file(*path_parts)
   config = config_lib.load_config_file(config_file + ':runlocal')
+  config_lib.apply_overrides(config, ['train.num_epochs=1'])
   results = train_lib.train_and_evaluate(config, str(tmp_path))
   assert results['task'] == 'binary'
   assert results['test']['num_examples'] == config.data.max_examples
@@ -289,7 +289,8 @@ def test_paper_recipe_on_unseen_medmnist_layouts(name, shape, num_classes, label
                                                  outputs, tmp_path):
   path = fake_medmnist(tmp_path / name, shape, num_classes, label_width)
   config = config_lib.load_config_file('configs/breastmnist.py:runlocal')
-  config_lib.apply_overrides(config, [f'data.path={path}', 'data.max_examples=32'])
+  config_lib.apply_overrides(config, [f'data.path={path}', 'data.max_examples=32',
+                                      'train.num_epochs=1'])
   if len(shape) == 3 and shape[-1] != 3:  # 3D: keep the CPU test small
     config_lib.apply_overrides(config, ['model.width=4', 'train.batch_size=8'])
   results = train_lib.train_and_evaluate(config, str(tmp_path / 'w'))

@@ -157,3 +157,17 @@ class ClassificationExperiment(Experiment):
                                                 predictions['scores'])
     result['loss'] = float(np.mean(predictions['loss']))
     return result, predictions
+
+  def ensemble(self, workdirs, split: str) -> tuple[Dict[str, Any], Dict]:
+    """Metrics and predictions of the mean of several runs' probabilities on ``split``
+    (their ``predictions_<split>.npz``: the seed ensemble of :mod:`medjax.seeds`)."""
+    runs = []
+    for workdir in workdirs:
+      with np.load(os.path.join(workdir, f'predictions_{split}.npz')) as f:
+        runs.append({k: f[k] for k in ('index', 'labels', 'scores')})
+    for run in runs[1:]:
+      if not np.array_equal(run['labels'], runs[0]['labels']):
+        raise ValueError(f'{workdirs}: the runs scored different {split} examples')
+    scores = np.mean([run['scores'] for run in runs], axis=0)
+    result = metrics_lib.classification_metrics(self.task, runs[0]['labels'], scores)
+    return result, {'index': runs[0]['index'], 'labels': runs[0]['labels'], 'scores': scores}
