@@ -190,7 +190,9 @@ class WorkdirLocked(ValueError):
   """Another ``medjax train`` holds the workdir."""
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists on this host (locks and temporary files of dead
+  processes are taken over or removed)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -228,7 +230,7 @@ def _take_lock(path: str, workdir: str) -> bool:
           holder = json.load(f)
       except (OSError, json.JSONDecodeError):
         holder = {}
-      if holder.get('host') == me['host'] and not _process_alive(int(holder.get('pid', 0))):
+      if holder.get('host') == me['host'] and not process_alive(int(holder.get('pid', 0))):
         os.remove(path)  # stale: its process is gone
         continue
       raise WorkdirLocked(

@@ -19,6 +19,7 @@ from typing import Dict, NamedTuple, Tuple
 import numpy as np
 
 from medjax.data.dataset import SPLITS, ClassificationData
+from medjax.workdir import process_alive
 
 
 class MedMNISTInfo(NamedTuple):
@@ -106,23 +107,13 @@ def md5sum(path: str) -> str:
   return digest.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def _remove_stale_parts(target: str) -> None:
   """Deletes ``<target>.part-<pid>`` files of downloads whose process is gone (killed
   mid-download): they are never completed, only waste disk."""
   folder, name = os.path.split(target)
   for entry in os.listdir(folder or '.'):
     match = re.fullmatch(re.escape(name) + r'\.part-(\d+)', entry)
-    if match and not _pid_alive(int(match.group(1))):
+    if match and not process_alive(int(match.group(1))):
       os.remove(os.path.join(folder, entry))
 
 

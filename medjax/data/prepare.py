@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from medjax.data import intensity, layouts, nifti
+from medjax.workdir import process_alive
 
 CACHE_VERSION = 2  # 2: entries keyed by options and data
 MAX_CLASS_LOCATIONS = 10000  # foreground voxels remembered per class, for oversampling
@@ -225,18 +226,8 @@ def _remove_abandoned(cache_root: str) -> None:
   """Deletes half-written entries (``*.tmp-<pid>``) whose writer process is gone."""
   for name in os.listdir(cache_root):
     head, sep, pid = name.rpartition('.tmp-')
-    if sep and pid.isdigit() and not _pid_alive(int(pid)):
+    if sep and pid.isdigit() and not process_alive(int(pid)):
       shutil.rmtree(os.path.join(cache_root, name), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions(),
