@@ -1,6 +1,7 @@
 """N seeds in one compiled program (``train.seeds``) against N sequential runs: images/s.
 
-For each model and N it times the group's vmapped, donated train step (N seeds x batch B,
+For each model, program (``train.seeds_program``: ``vmap`` or ``unroll`` over the seed axis) and
+N it times the group's donated train step (N seeds x batch B,
 :mod:`medjax.seeds`) and the single-seed step of the same config, in one process, and
 reports images/s of both and their ratio. N sequential runs train at the single step's
 images/s, so the ratio is the speed-up of training N seeds at once (the wall time of the
@@ -45,7 +46,7 @@ def _time(step, state, images, labels, steps: int, warmup: int = 1) -> float:
   return (time.perf_counter() - start) / steps
 
 
-def bench(name: str, n: int, steps: int, tmp: str) -> dict:
+def bench(name: str, n: int, steps: int, tmp: str, program: str) -> dict:
   model, shape, batch = CASES[name]
   data = _data(shape, batch)
   config = config_lib.resolve(dict(model=model, train=dict(batch_size=batch,
@@ -55,12 +56,12 @@ def bench(name: str, n: int, steps: int, tmp: str) -> dict:
   single_s = _time(single.train_step, single.init_state(), images, labels, steps)
   members = [Member(ClassificationExperiment(seeds_lib.member_config(config, k), data),
                     os.path.join(tmp, f'{name}_{n}_{k}')) for k in range(n)]
-  group = seeds_lib.Group(members)
+  group = seeds_lib.Group(members, program)
   group_s = _time(group.train_step, group.init(), np.stack([images] * n),
                   np.stack([labels] * n), steps)
   sequential = batch / single_s
   together = n * batch / group_s
-  return {'case': name, 'seeds': n, 'batch_per_seed': batch,
+  return {'case': name, 'program': program, 'seeds': n, 'batch_per_seed': batch,
           'sequential_img_s': sequential, 'one_program_img_s': together,
           'speedup': together / sequential}
 
@@ -70,6 +71,7 @@ def main() -> None:
   parser.add_argument('--cases', default=','.join(CASES))
   parser.add_argument('--seeds', default='1,2,4,8', help='values of N')
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--programs', default='vmap,unroll', help="train.seeds_program values")
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results',
                                                     'seeds_throughput.json'))
   args = parser.parse_args()
@@ -77,10 +79,11 @@ def main() -> None:
   tmp = tempfile.mkdtemp(prefix='medjax_seeds_bench_')
   rows = []
   for name in args.cases.split(','):
-    for n in (int(k) for k in args.seeds.split(',')):
-      rows.append(bench(name, n, args.steps, tmp))
-      print(rows[-1], flush=True)
-  print_table(rows, [('case', 'case', 's'), ('seeds', 'N', 'd'),
+    for program in args.programs.split(','):
+      for n in (int(k) for k in args.seeds.split(',')):
+        rows.append(bench(name, n, args.steps, tmp, program))
+        print(rows[-1], flush=True)
+  print_table(rows, [('case', 'case', 's'), ('program', 'program', 's'), ('seeds', 'N', 'd'),
                      ('batch_per_seed', 'batch/seed', 'd'),
                      ('sequential_img_s', 'N runs img/s', '.1f'),
                      ('one_program_img_s', 'one program img/s', '.1f'),

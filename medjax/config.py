@@ -142,6 +142,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Several seeds trained together in one compiled program (vmap), one workdir each under
   # DIR/seed_<K>; () = one run with `seed` (medjax.seeds).
   c.train.seeds = ()
+  c.train.seeds_program = 'auto'      # 'vmap' | 'unroll' over the seed axis; auto: unroll on CPU
   # Stop after this many steps in this invocation (0 = no limit). For tests of resume.
   c.train.stop_after_steps = 0
   return c

@@ -1,16 +1,18 @@
-"""Several seeds in one compiled program: the train step ``jax.vmap``-ed over a leading seed axis.
+"""Several seeds in one compiled program: the train step over a leading seed axis.
 
 ``medjax train --config X --workdir DIR --seeds 0,1,2`` (``train.seeds``) builds one
 experiment per seed (its own initialisation, data order, augmentation and dropout keys),
 stacks their train states along a leading axis and trains them with one jit-compiled,
-donated step, ``vmap`` of the single-run step, data-parallel over the devices as a single
-run is (batches ``[N, B, ...]`` split along ``B``). Each seed keeps its own workdir,
-``DIR/seed_<K>/``, a complete single-run workdir (``evaluate``, ``report``, ``compare`` read
-it; its ``config.json`` repeats that seed alone), logged, evaluated and checkpointed by the
-one training loop (``medjax.train``, which builds the group from this module). ``DIR`` itself holds the group's
-``config.json``, ``config_history.jsonl``, ``summary.json`` (each headline metric's mean ±
-sample sd over the seeds, and per seed) and, for classification, the seed ensemble's
-metrics and ``predictions_ensemble_<split>.npz`` (the mean of the seeds' probabilities).
+donated step over that axis (``train.seeds_program``: ``vmap`` of the single-run step, or
+the single-run step ``unroll``-ed once per seed; ``auto`` picks by backend), data-parallel
+over the devices as a single run is (batches ``[N, B, ...]`` split along ``B``). Each seed
+keeps its own workdir, ``DIR/seed_<K>/``, a complete single-run workdir (``evaluate``,
+``report``, ``compare`` read it; its ``config.json`` repeats that seed alone), logged,
+evaluated and checkpointed by the one training loop (``medjax.train``, which builds the
+group from this module). ``DIR`` itself holds the group's ``config.json``,
+``config_history.jsonl``, ``summary.json`` (each headline metric's mean ± sample sd over the
+seeds, and per seed) and, for classification, the seed ensemble's metrics and
+``predictions_ensemble_<split>.npz`` (the mean of the seeds' probabilities).
 
 Resume: every seed resumes from the newest step at which all seeds have an intact
 checkpoint (a kill between two seeds' saves leaves one seed ahead; its newer checkpoint is
@@ -20,6 +22,7 @@ dropped and recomputed, identically).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -52,15 +55,44 @@ def check_seeds(config: ml_collections.ConfigDict) -> List[int]:
   return seeds
 
 
-class Group:
-  """The members' shared program: stacked init, the vmapped step, stacked batches."""
+PROGRAMS = ('auto', 'vmap', 'unroll')
 
-  def __init__(self, members):
+
+def resolve_program(program: str) -> str:
+  """'auto': 'vmap' on GPU/TPU, where one wide program fills the device; 'unroll' on CPU,
+  where one seed already fills the cores and a convolution whose weights carry a seed axis
+  (vmap) runs 3x slower than the seeds' convolutions side by side (measured:
+  benchmarks/seeds_throughput.py; ``lax.map`` over the seeds was slower still)."""
+  if program not in PROGRAMS:
+    raise ValueError(f"train.seeds_program must be one of {', '.join(PROGRAMS)}, got "
+                     f"'{program}'")
+  if program == 'auto':
+    return 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+  return program
+
+
+def _unrolled(step, n: int, states, images, labels):
+  """The single-run step once per seed, unrolled in the program (independent copies that
+  the compiler may schedule side by side), outputs stacked on the seed axis."""
+  outs = [step(jax.tree.map(lambda x: x[k], states), images[k], labels[k]) for k in range(n)]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+class Group:
+  """The members' shared program: stacked init, the step over the seed axis (``vmap``, or
+  ``unroll``: the single-run step once per seed inside the one program), stacked batches."""
+
+  def __init__(self, members, program: str = 'auto'):
     self.members = members
     exp = members[0].exp
     self.exp = exp
+    self.program = resolve_program(program)
     self.batch_sharding = NamedSharding(exp.mesh, P(None, 'data'))
-    self._step = jax.jit(jax.vmap(exp._train_step_impl),
+    if self.program == 'vmap':
+      step = jax.vmap(exp._train_step_impl)
+    else:
+      step = functools.partial(_unrolled, exp._train_step_impl, len(members))
+    self._step = jax.jit(step,
                          in_shardings=(exp.replicated, self.batch_sharding,
                                        self.batch_sharding),
                          out_shardings=(exp.replicated, exp.replicated), donate_argnums=0)
@@ -103,7 +135,7 @@ def start(group: Group, on_fresh) -> Tuple[Any, int]:
     for k, member in enumerate(group.members):
       member.pending = []
       on_fresh(member, group.member_state(state, k), k)
-    print(f'{len(group.members)} seeds in one program: '
+    print(f'{len(group.members)} seeds in one program ({group.program} over the seed axis): '
           f"{', '.join(str(m.exp.config.seed) for m in group.members)}")
     return state, 0
   states = []

@@ -208,7 +208,7 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: str,
   for member in members:
     os.makedirs(member.workdir, exist_ok=True)
     member.start_run(allow_change)
-  group = seeds_lib.Group(members)
+  group = seeds_lib.Group(members, config.train.seeds_program)
   state, start_step = seeds_lib.start(
       group, lambda m, one, k: write_model_summary(m.exp, one, m.workdir, announce=k == 0))
   stopped = _loop(members, state, start_step, group.train_step, group.batches(start_step),

@@ -32,9 +32,9 @@ def group(tmp_path_factory):
 
 def test_each_seed_equals_its_single_run(group, quickstart_run, tmp_path):
   """Seed K of the group trains as ``seed=K`` alone does (own init, data order,
-  augmentation, dropout). The step is the same computation with a leading seed axis, so
-  the difference is rounding only: XLA may order the sums of the vmapped convolutions
-  differently (measured: losses and metrics equal to 1e-7 relative)."""
+  augmentation, dropout). The step is the single-run step over a leading seed axis, so the
+  difference is rounding only: XLA may order the sums differently inside the one program
+  (measured with vmap: losses and metrics equal to 1e-7 relative)."""
   workdir, _ = group
   single1 = str(tmp_path / 'single1')
   train_lib.train_and_evaluate(_config(seed=1), single1)
@@ -94,13 +94,15 @@ def test_group_resume_is_exact_even_when_one_seed_is_ahead(group, tmp_path):
 
 
 def test_segmentation_seeds_in_one_program(tmp_path):
-  """Segmentation (synthetic volumes, no ../shared needed): each seed of the group equals
+  """Segmentation (synthetic volumes, no ../shared needed), with ``vmap`` over the seed axis
+  (the classification tests use the CPU default, ``unroll``): each seed of the group equals
   its single run to rounding, and the summary holds the per-class Dice."""
   from medjax.data import synthetic
   root = synthetic.write_segmentation_dataset(str(tmp_path / 'data'), num_cases=6, seed=0)
   c = config_lib.load_config_file('configs/hippocampus_unet3d.py:runlocal')
   config_lib.apply_overrides(c, [f'data.root={root}', f'data.cache_dir={tmp_path / "cache"}'])
-  group = config_lib.apply_overrides(config_lib.resolve(c), ['train.seeds=(0, 1)'])
+  group = config_lib.apply_overrides(config_lib.resolve(c), ['train.seeds=(0, 1)',
+                                                              'train.seeds_program=vmap'])
   summary = train_lib.train_and_evaluate(group, str(tmp_path / 'group'))
   single = train_lib.train_and_evaluate(config_lib.apply_overrides(c, ['seed=1']),
                                         str(tmp_path / 'single1'))
