@@ -71,11 +71,20 @@ def resolve_program(program: str) -> str:
   return program
 
 
+def member_state(state: Any, k: int) -> Any:
+  """Seed ``k``'s slice of a pytree stacked on the seed axis."""
+  return jax.tree.map(lambda x: x[k], state)
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+  """Pytrees of one structure -> one pytree stacked on a new leading (seed) axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def _unrolled(step, n: int, states, images, labels):
   """The single-run step once per seed, unrolled in the program (independent copies that
   the compiler may schedule side by side), outputs stacked on the seed axis."""
-  outs = [step(jax.tree.map(lambda x: x[k], states), images[k], labels[k]) for k in range(n)]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return stack_trees([step(member_state(states, k), images[k], labels[k]) for k in range(n)])
 
 
 class Group:
@@ -96,8 +105,7 @@ class Group:
                          in_shardings=(exp.replicated, self.batch_sharding,
                                        self.batch_sharding),
                          out_shardings=(exp.replicated, exp.replicated), donate_argnums=0)
-    self._stack = jax.jit(lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
-                          out_shardings=exp.replicated)
+    self._stack = jax.jit(stack_trees, out_shardings=exp.replicated)
 
   def init(self) -> Any:
     keys = jnp.stack([jax.random.PRNGKey(m.exp.config.seed) for m in self.members])
@@ -105,10 +113,6 @@ class Group:
 
   def stack(self, states: Sequence[Any]) -> Any:
     return self._stack(list(states))
-
-  @staticmethod
-  def member_state(state: Any, k: int) -> Any:
-    return jax.tree.map(lambda x: x[k], state)
 
   def train_step(self, state, images: np.ndarray, labels: np.ndarray):
     as_global = lambda a: jax.make_array_from_process_local_data(  # noqa: E731
@@ -134,7 +138,7 @@ def start(group: Group, on_fresh) -> Tuple[Any, int]:
     state = group.init()
     for k, member in enumerate(group.members):
       member.pending = []
-      on_fresh(member, group.member_state(state, k), k)
+      on_fresh(member, member_state(state, k), k)
     print(f'{len(group.members)} seeds in one program ({group.program} over the seed axis): '
           f"{', '.join(str(m.exp.config.seed) for m in group.members)}")
     return state, 0

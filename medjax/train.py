@@ -165,7 +165,7 @@ class Member:
     self.manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints,
                                            tcfg.selection_metric, tcfg.selection_mode)
     self.log = None
-    self.pending: list = []
+    self.pending: list = []  # train losses (floats) not logged yet
     self.blowup = LossBlowup()
 
   def start_run(self, allow_change: Sequence[str]) -> None:
@@ -178,7 +178,7 @@ class Member:
     # Unlogged losses travel in the checkpoint, so a resumed run logs what an uninterrupted
     # run would.
     return {'step': step, 'epoch': step / self.exp.steps_per_epoch, 'pending_train_losses':
-            [float(x) for x in jax.device_get(list(pending_losses))]}
+            [float(x) for x in pending_losses]}
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
@@ -212,7 +212,7 @@ def _train_seeds(config: ml_collections.ConfigDict, workdir: str,
   state, start_step = seeds_lib.start(
       group, lambda m, one, k: write_model_summary(m.exp, one, m.workdir, announce=k == 0))
   stopped = _loop(members, state, start_step, group.train_step, group.batches(start_step),
-                  group.member_state)
+                  seeds_lib.member_state)
   if stopped is not None:
     return stopped
   del state
@@ -251,6 +251,7 @@ def _loop(members: Sequence[Member], state, start_step: int, train_step, batches
     from tqdm import tqdm  # only when a bar is drawn
     progress = tqdm(total=exp.total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   step, interval_start, interval_steps = start_step, time.time(), 0
+  step_losses = []  # device arrays (scalar, or [members]) since the last event: no host sync
   with preemption_flag() as preempted, contextlib.ExitStack() as logs:
     for member in members:
       logs.enter_context(contextlib.closing(member.log))
@@ -258,18 +259,21 @@ def _loop(members: Sequence[Member], state, start_step: int, train_step, batches
       for images, labels in batches:
         state, step_metrics = train_step(state, images, labels)
         step, interval_steps = step + 1, interval_steps + 1
-        losses_now = step_metrics['loss']
-        for k, member in enumerate(members):
-          member.pending.append(losses_now if len(members) == 1 else losses_now[k])
+        step_losses.append(step_metrics['loss'])
         if progress is not None:
           progress.update(1)
         log_now, eval_now = cadence.log(step), cadence.evaluate(step)
         stop_now = cadence.stop(step, preempted['requested'])
         if not (log_now or eval_now or stop_now):
           continue
+        # One transfer for all members: [steps, members] -> each member's column.
+        host = np.asarray(jax.device_get(step_losses)).reshape(len(step_losses), len(members))
+        for k, member in enumerate(members):
+          member.pending.extend(host[:, k].tolist())
+        step_losses = []
         elapsed = max(time.time() - interval_start, 1e-9)
         for k, member in enumerate(members):
-          losses = np.asarray(jax.device_get(member.pending), np.float64)
+          losses = np.asarray(member.pending, np.float64)
           _check_finite(losses, step, member.manager, member.workdir)
           if eval_now or stop_now:
             _check_params(member_state(state, k), step, member.manager, member.workdir)
