@@ -29,10 +29,11 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -200,6 +201,17 @@ def process_alive(pid: int) -> bool:
   except PermissionError:  # it exists, owned by someone else
     return True
   return True
+
+
+def left_by_dead_processes(folder: str, pattern: str) -> List[str]:
+  """Paths in ``folder`` whose names match ``pattern`` (a regex whose one group is a pid)
+  and whose process no longer runs: what a killed writer left behind."""
+  found = []
+  for name in os.listdir(folder or '.'):
+    match = re.fullmatch(pattern, name)
+    if match and not process_alive(int(match.group(1))):
+      found.append(os.path.join(folder, name))
+  return found
 
 
 @contextlib.contextmanager

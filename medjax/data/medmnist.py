@@ -19,7 +19,7 @@ from typing import Dict, NamedTuple, Tuple
 import numpy as np
 
 from medjax.data.dataset import SPLITS, ClassificationData
-from medjax.workdir import process_alive
+from medjax.workdir import left_by_dead_processes
 
 
 class MedMNISTInfo(NamedTuple):
@@ -111,10 +111,8 @@ def _remove_stale_parts(target: str) -> None:
   """Deletes ``<target>.part-<pid>`` files of downloads whose process is gone (killed
   mid-download): they are never completed, only waste disk."""
   folder, name = os.path.split(target)
-  for entry in os.listdir(folder or '.'):
-    match = re.fullmatch(re.escape(name) + r'\.part-(\d+)', entry)
-    if match and not process_alive(int(match.group(1))):
-      os.remove(os.path.join(folder, entry))
+  for path in left_by_dead_processes(folder, re.escape(name) + r'\.part-(\d+)'):
+    os.remove(path)
 
 
 def download(flag: str, dest_dir: str, url: str | None = None) -> str:

@@ -107,7 +107,7 @@ def _check_claimed_size(image: nib.Nifti1Image, path: str) -> None:
   header = image.header
   shape = header.get_data_shape()
   claimed = int(np.prod(shape, dtype=np.float64)) * header.get_data_dtype().itemsize
-  offset = int(header.get('vox_offset', 0)) if hasattr(header, 'get') else 0
+  offset = int(header['vox_offset'])
   size = os.path.getsize(path)
   if path.lower().endswith('.gz'):
     if claimed + offset > size * MAX_DEFLATE_RATIO:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from medjax.data import intensity, layouts, nifti
-from medjax.workdir import process_alive
+from medjax.workdir import left_by_dead_processes
 
 CACHE_VERSION = 2  # 2: entries keyed by options and data
 MAX_CLASS_LOCATIONS = 10000  # foreground voxels remembered per class, for oversampling
@@ -179,11 +179,11 @@ class PreparedDataset:
     return image, label, locations
 
 
-def data_key(root: str, max_cases: int = 0) -> Dict:
+def data_key(info: layouts.DatasetInfo, max_cases: int = 0) -> Dict:
   """What identifies the data of a cache entry: the root, ``dataset.json``'s bytes and, per
-  case file, its path under ``root``, size and modification time (ns). An edited, replaced
+  case file, its path under the root, size and modification time (ns). An edited, replaced
   or added file changes it; reading it costs one ``stat`` per file, never the data."""
-  info = layouts.find_cases(root)
+  root = info.root
   cases = info.cases[:max_cases] if max_cases else info.cases
   files = []
   for case in cases:
@@ -224,10 +224,8 @@ def _read_manifest(directory: str) -> Optional[PreparedDataset]:
 
 def _remove_abandoned(cache_root: str) -> None:
   """Deletes half-written entries (``*.tmp-<pid>``) whose writer process is gone."""
-  for name in os.listdir(cache_root):
-    head, sep, pid = name.rpartition('.tmp-')
-    if sep and pid.isdigit() and not process_alive(int(pid)):
-      shutil.rmtree(os.path.join(cache_root, name), ignore_errors=True)
+  for path in left_by_dead_processes(cache_root, r'.+\.tmp-(\d+)'):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions(),
@@ -241,7 +239,8 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
   call with the same options and unchanged data returns the entry at once. Any bad case
   stops preparation before training, with every problem listed.
   """
-  key = data_key(root, max_cases)
+  info = layouts.find_cases(root)
+  key = data_key(info, max_cases)
   directory = os.path.join(cache_root, cache_entry_name(options, key))
   existing = _read_manifest(directory)
   if existing is not None:
@@ -250,7 +249,6 @@ def prepare(root: str, cache_root: str, options: PrepareOptions = PrepareOptions
   if report['problems']:
     raise ValueError(f'{root}: {len(report["problems"])} problem(s) found; fix them or remove '
                      'the cases:\n' + '\n'.join(report['problems']))
-  info = layouts.find_cases(root)
   cases = info.cases[:max_cases] if max_cases else info.cases
   summary = report['summary']
   if info.class_names:

@@ -141,7 +141,8 @@ class SegmentationExperiment(Experiment):
       raise ValueError(f'data.patch_size {self.patch_size} needs {expected_dims} values for '
                        f'{prepared.spatial_dims}D data'
                        f"{' sliced along an axis' if self.slice_axis is not None else ''}")
-    channels = _common_channels(self.cases, prepared)
+    # One channel count: the dataset check inside prepare() refuses cases that differ.
+    channels = next(iter(self.cases.values()))[0].shape[-1]
     self.sampler = SegmentationSampler(
         {c: self.cases[c] for c in split['train']}, self.patch_size, config.train.batch_size,
         seed=config.seed, foreground_fraction=cfg.foreground_fraction,
@@ -275,20 +276,6 @@ class SegmentationExperiment(Experiment):
                    prepared.options, 'summary': prepared.fingerprint,
                    'split': {k: len(v) for k, v in self.data.splits.items()}}
     return {'split.json': self.data.splits, 'data_fingerprint.json': fingerprint}
-
-
-def _common_channels(cases: Dict[str, Tuple], prepared: prepare.PreparedDataset) -> int:
-  """The channel count all prepared cases share (checked again at load: the cache may
-  hold cases written before the dataset check looked at channels)."""
-  counts = {case_id: arrays[0].shape[-1] for case_id, arrays in cases.items()}
-  if len(set(counts.values())) > 1:
-    first = next(iter(counts))
-    odd = [c for c, n in counts.items() if n != counts[first]]
-    raise nifti.VolumeError(
-        f"{prepared.records[odd[0]]['image']}: {counts[odd[0]]} channel(s), but "
-        f"{prepared.records[first]['image']} has {counts[first]} ({len(odd)} case(s) differ); "
-        'all cases must have the same channels')
-  return next(iter(counts.values()))
 
 
 def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> Dict:
