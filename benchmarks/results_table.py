@@ -1,5 +1,6 @@
-"""What every benchmark does at the end: print its rows as a table and write them as JSON
-with a description of the machine (so numbers from different machines are not confused)."""
+"""What the benchmarks share: timing a compiled step, and at the end printing the rows as a
+table and writing them as JSON with a description of the machine (so numbers from different
+machines are not confused)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,20 @@ import jax
 
 # (row key, column header, format spec); a missing value prints as nan.
 Column = Tuple[str, str, str]
+
+
+def seconds_per_step(step, state, *args, steps: int, warmup: int = 1) -> float:
+  """Wall seconds per call of ``state, out = step(state, *args)`` after ``warmup`` calls
+  (compilation), waiting for the device at both ends."""
+  import time
+  for _ in range(warmup):
+    state, out = step(state, *args)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, out = step(state, *args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps
 
 
 def print_table(rows: List[Dict], columns: Sequence[Column]) -> None:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-import jax
 import numpy as np
 
 from medjax import config as config_lib, seeds as seeds_lib
 from medjax.experiments import ClassificationExperiment
 from medjax.train import Member
-from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
+from results_table import print_table, seconds_per_step, write_results  # benchmarks/ is on sys.path when run
 from train_throughput import _data
 
 CASES = {
@@ -34,18 +32,6 @@ CASES = {
 }
 
 
-def _time(step, state, images, labels, steps: int, warmup: int = 1) -> float:
-  """Seconds per step (compiled, warm)."""
-  for _ in range(warmup):
-    state, metrics = step(state, images, labels)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, images, labels)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / steps
-
-
 def bench(name: str, n: int, steps: int, tmp: str, program: str) -> dict:
   model, shape, batch = CASES[name]
   data = _data(shape, batch)
@@ -53,12 +39,13 @@ def bench(name: str, n: int, steps: int, tmp: str, program: str) -> dict:
                                                           eval_batch_size=batch)))
   single = ClassificationExperiment(config, data)
   images, labels = next(iter(single.train_iterator(0)))
-  single_s = _time(single.train_step, single.init_state(), images, labels, steps)
+  single_s = seconds_per_step(single.train_step, single.init_state(), images, labels,
+                              steps=steps)
   members = [Member(ClassificationExperiment(seeds_lib.member_config(config, k), data),
                     os.path.join(tmp, f'{name}_{n}_{k}')) for k in range(n)]
   group = seeds_lib.Group(members, program)
-  group_s = _time(group.train_step, group.init(), np.stack([images] * n),
-                  np.stack([labels] * n), steps)
+  group_s = seconds_per_step(group.train_step, group.init(), np.stack([images] * n),
+                             np.stack([labels] * n), steps=steps)
   sequential = batch / single_s
   together = n * batch / group_s
   return {'case': name, 'program': program, 'seeds': n, 'batch_per_seed': batch,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from medjax.data import prepare, sampling
-from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
+from results_table import print_table, seconds_per_step, write_results  # benchmarks/ is on sys.path when run
 from unet_upsampling import make_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,13 +57,7 @@ def time_train_step(patch, batch, steps=3, upsample='transpose') -> float:
   tx = optax.adam(1e-3)
   state = (params, tx.init(params))
   step = make_train_step(model, tx)
-  state, loss = step(state, x, y)
-  jax.block_until_ready(loss)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, loss = step(state, x, y)
-  jax.block_until_ready(loss)
-  return steps * batch / (time.perf_counter() - t0)
+  return batch / seconds_per_step(step, state, x, y, steps=steps)
 
 
 def main() -> None:

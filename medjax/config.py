@@ -139,7 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.selection_metric = 'auc'    # validation metric that picks the final checkpoint
   c.train.selection_mode = 'max'      # 'max' | 'min' | 'last' (last checkpoint, no selection)
   c.train.progress_bar = True
-  # Several seeds trained together in one compiled program (vmap), one workdir each under
+  # Several seeds trained together in one compiled program, one workdir each under
   # DIR/seed_<K>; () = one run with `seed` (medjax.seeds).
   c.train.seeds = ()
   c.train.seeds_program = 'auto'      # 'vmap' | 'unroll' over the seed axis; auto: unroll on CPU

@@ -216,7 +216,7 @@ def _html_table(rows: Sequence[Dict], columns: Sequence[str],
                              for c in columns) + '</tr>'
   if summary:
     body += '<tr class="summary">' + ''.join(
-        f'<td>{html.escape(str(summary.get(c, "")))}</td>' for c in columns) + '</tr>'
+        f'<td>{_e(summary.get(c, ""))}</td>' for c in columns) + '</tr>'
   return f'<table><tr>{head}</tr>{body}</table>'
 
 
@@ -251,8 +251,8 @@ def _fingerprint_html(fingerprint: Optional[Dict]) -> str:
            {'property': 'target spacing (mm)', 'value': str(fingerprint.get('target_spacing_mm'))},
            {'property': 'normalisation', 'value': str(
                fingerprint.get('prepare_options', {}).get('normalization'))}]
-  return (f"<p>{html.escape(str(fingerprint.get('name')))} at "
-          f"<code>{html.escape(str(fingerprint.get('root')))}</code>, classes "
+  return (f"<p>{_e(fingerprint.get('name'))} at "
+          f"<code>{_e(fingerprint.get('root'))}</code>, classes "
           f"{html.escape(', '.join(fingerprint.get('class_names', [])))}</p>"
           + _html_table(rows, ['property', 'value']))
 

@@ -22,6 +22,8 @@ and implements:
 ``eval_splits``             splits scored into ``results.json`` (class attribute)
 ``available_splits``        splits ``medjax evaluate`` accepts
 ``headline_metrics(m)``     the keys of a split's metrics the CLI and reports show
+``ensemble(workdirs, s)``   optional: metrics and predictions of several runs' mean
+                            prediction on split ``s`` (the seed ensemble of ``train.seeds``)
 ``dataset_name``            the name ``results.json`` records
 ``class_names``             one name per class (or label)
 ==========================  ===============================================================
