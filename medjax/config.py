@@ -62,6 +62,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.augment.scale_max = 1.0
   c.data.augment.brightness = 0.0     # additive shift uniform in [-b, +b] (normalised units)
   c.data.augment.contrast = 0.0       # multiplicative factor uniform in [1-c, 1+c]
+  c.data.augment.cutout = 0.0         # side of a zeroed square, fraction of the image side
+  # Few labels: keep the labels of a seeded, class-stratified subset of the training split
+  # (data.labeled_count examples if > 0, else that fraction); the rest are images only.
+  c.data.labeled_fraction = 1.0
+  c.data.labeled_count = 0
+  c.data.labeled_seed = -1            # -1: the run's seed (each seed of a group its subset)
 
   # Segmentation datasets (task='segmentation'): see medjax/experiments/segmentation.py.
   c.data.root = ''                    # MSD folder (dataset.json) or image/label folders
@@ -87,6 +93,21 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'simple_cnn'
+
+  # Semi-supervised learning from the unlabelled rest of the training split (classification;
+  # see medjax/semi.py): 'none' | 'fixmatch' (consistency loss in the same run) |
+  # 'self_training' (a trained teacher's confident pseudo-labels join the labelled data).
+  c.semi = ml_collections.ConfigDict()
+  c.semi.method = 'none'
+  c.semi.teacher = ''                 # self_training: the teacher's workdir (or seed group)
+  c.semi.threshold = 0.95             # confidence a pseudo-label needs
+  c.semi.class_balance = True         # self_training: pseudo-labels follow the labelled prior
+  c.semi.unlabeled_ratio = 2          # fixmatch: unlabelled images per labelled one in a step
+  c.semi.weight = 1.0                 # fixmatch: weight of the unlabelled loss
+  # fixmatch: strong augmentation of the unlabelled images (the weak one is data.augment).
+  c.semi.strong_augment = ml_collections.ConfigDict(dict(
+      flip_lr=True, flip_ud=False, rotation_deg=30.0, scale_min=0.8, scale_max=1.2,
+      brightness=0.3, contrast=0.3, cutout=0.5))
 
   # Sliding-window inference (segmentation validation and prediction).
   c.inference = ml_collections.ConfigDict()

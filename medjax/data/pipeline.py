@@ -43,9 +43,20 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def balanced_epoch_order(seed: int, epoch: int, labels: np.ndarray) -> np.ndarray:
-  """``N`` indices drawn with replacement so every class is equally likely (each example's
-  probability is ``1 / (K * count of its class)``); deterministic in (seed, epoch)."""
+def epoch_order(seed: int, epoch: int, num_examples: int, length: int) -> np.ndarray:
+  """``length`` indices of epoch ``epoch``: the epoch's permutation, followed (when an epoch
+  is longer than the data, as with few labelled examples) by further seeded permutations."""
+  orders = [epoch_permutation(seed, epoch, num_examples)]
+  while sum(map(len, orders)) < length:
+    orders.append(np.random.default_rng([seed, epoch, 2, len(orders)]).permutation(num_examples))
+  return np.concatenate(orders)[:length]
+
+
+def balanced_epoch_order(seed: int, epoch: int, labels: np.ndarray,
+                         length: int | None = None) -> np.ndarray:
+  """``length`` (default ``N``) indices drawn with replacement so every class is equally
+  likely (each example's probability is ``1 / (K * count of its class)``); deterministic in
+  (seed, epoch)."""
   labels = np.asarray(labels).reshape(len(labels), -1)
   if labels.shape[1] != 1:
     raise ValueError('class-balanced sampling needs one class label per example '
@@ -54,7 +65,8 @@ def balanced_epoch_order(seed: int, epoch: int, labels: np.ndarray) -> np.ndarra
   classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
   probabilities = 1.0 / (len(classes) * counts[inverse])
   return np.random.default_rng([seed, epoch, 1]).choice(
-      len(labels), size=len(labels), replace=True, p=probabilities / probabilities.sum())
+      len(labels), size=length or len(labels), replace=True,
+      p=probabilities / probabilities.sum())
 
 
 def local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
@@ -86,11 +98,33 @@ def _rotate_scale_2d(image: tf.Tensor, angle: tf.Tensor, zoom: tf.Tensor) -> tf.
   return out[0]
 
 
+def _cutout(image: tf.Tensor, size: float, u: tf.Tensor, v: tf.Tensor,
+              spatial_dims: int) -> tf.Tensor:
+  """Sets a square of side ``size`` x the image side (H, W axes), centred at a uniform
+  position (``u``, ``v`` in [0, 1)) and clipped at the border, to 0 (the normalised mean
+  grey), as in Cutout (DeVries & Taylor 2017) and FixMatch's strong augmentation."""
+  shape = tf.shape(image)
+  height, width = shape[spatial_dims - 2], shape[spatial_dims - 1]
+  half_h = tf.cast(tf.cast(height, tf.float32) * size / 2, tf.int32)
+  half_w = tf.cast(tf.cast(width, tf.float32) * size / 2, tf.int32)
+  cy = tf.cast(u * tf.cast(height, tf.float32), tf.int32)
+  cx = tf.cast(v * tf.cast(width, tf.float32), tf.int32)
+  rows, cols = tf.range(height), tf.range(width)
+  inside = (((rows >= cy - half_h) & (rows < cy + half_h))[:, None]
+            & ((cols >= cx - half_w) & (cols < cx + half_w))[None, :])
+  inside = tf.reshape(inside, tf.concat([tf.ones([spatial_dims - 2], tf.int32),
+                                         [height, width, 1]], 0))
+  return tf.where(inside, tf.zeros_like(image), image)
+
+
 def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int):
   """Returns ``fn(image [*spatial, C], seed [2]) -> image`` applying the configured ops."""
   geometric = aug.rotation_deg > 0 or aug.scale_min != 1.0 or aug.scale_max != 1.0
   if geometric and spatial_dims != 2:
     raise ValueError('data.augment.rotation_deg/scale_* are 2D-only; use flips for 3D data')
+  if not 0.0 <= aug.cutout < 1.0:
+    raise ValueError(f'data.augment.cutout is a fraction of the image side in [0, 1), got '
+                     f'{aug.cutout}')
   if aug.scale_min <= 0 or aug.scale_max < aug.scale_min:
     raise ValueError(f'data.augment needs 0 < scale_min <= scale_max, got '
                      f'{aug.scale_min}, {aug.scale_max}')
@@ -113,9 +147,15 @@ def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int):
     if aug.contrast > 0:
       mean = tf.reduce_mean(image)
       image = mean + (image - mean) * uniform(5, 1.0 - aug.contrast, 1.0 + aug.contrast)
+    if aug.cutout > 0:  # its own seeds, so the other ops draw what they drew before cutout
+      cut = tf.random.experimental.stateless_split(
+          tf.random.experimental.stateless_fold_in(seed, 6), num=2)
+      image = _cutout(image, aug.cutout, tf.random.stateless_uniform([], cut[0]),
+                      tf.random.stateless_uniform([], cut[1]), spatial_dims)
     return image
 
-  enabled = (aug.flip_lr or aug.flip_ud or geometric or aug.brightness > 0 or aug.contrast > 0)
+  enabled = (aug.flip_lr or aug.flip_ud or geometric or aug.brightness > 0 or aug.contrast > 0
+             or aug.cutout > 0)
   return augment if enabled else None
 
 
@@ -123,7 +163,8 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
                   start_step: int, num_steps: int, pixel_max: float, mean: float, std: float,
                   augment: ml_collections.ConfigDict | None = None,
                   process_index: int = 0, process_count: int = 1,
-                  class_balanced: bool = False) -> Iterator[Batch]:
+                  class_balanced: bool = False,
+                  epoch_steps: int | None = None) -> Iterator[Batch]:
   """Yields this process's share of training batches for steps ``[start_step, num_steps)``.
 
   Args:
@@ -132,11 +173,15 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
     global_batch: examples per step over all processes.
     class_balanced: draw each epoch's examples so classes are equally frequent (with
       replacement) instead of a permutation.
+    epoch_steps: steps per epoch when an epoch is not one pass over ``images`` (a few
+      labelled examples trained for as many steps as the whole split would take); an epoch
+      then continues with further seeded permutations (:func:`epoch_order`).
   Yields:
     (images float32 ``[B/P, *spatial, C]``, labels) as NumPy arrays.
   """
   n = len(images)
-  spe = steps_per_epoch(n, global_batch)
+  spe = epoch_steps or steps_per_epoch(n, global_batch)
+  length = spe * global_batch
   rows = local_rows(global_batch, process_index, process_count)
   spatial = images.ndim - 2
   augment_fn = make_augment_fn(augment, spatial) if augment is not None else None
@@ -146,9 +191,11 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
   first_epoch, last_epoch = start_step // spe, (num_steps - 1) // spe
   index_chunks, epoch_chunks = [], []
   for epoch in range(first_epoch, last_epoch + 1):
-    order = (balanced_epoch_order(seed, epoch, labels) if class_balanced
-             else epoch_permutation(seed, epoch, n))
-    order = order[:spe * global_batch].reshape(spe, global_batch)
+    if class_balanced:
+      order = balanced_epoch_order(seed, epoch, labels, max(length, n))
+    else:
+      order = epoch_order(seed, epoch, n, length)
+    order = order[:length].reshape(spe, global_batch)
     lo = start_step - epoch * spe if epoch == first_epoch else 0
     hi = min(spe, num_steps - epoch * spe)
     order = order[lo:hi, rows].reshape(-1)
@@ -170,6 +217,62 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
     return image, tf.gather(labels_t, index)
 
   ds = tf.data.Dataset.from_tensor_slices((indices, epochs))
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(rows.stop - rows.start, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ds.as_numpy_iterator()
+
+
+def unlabeled_stream(seed: int, num_examples: int, start: int, stop: int) -> np.ndarray:
+  """Indices at positions ``[start, stop)`` of the endless unlabelled stream: seeded
+  permutations of the ``num_examples`` images, one after another."""
+  first, last = start // num_examples, (stop - 1) // num_examples
+  passes = [np.random.default_rng([seed, 3, k]).permutation(num_examples)
+            for k in range(first, last + 1)]
+  offset = first * num_examples
+  return np.concatenate(passes)[start - offset:stop - offset]
+
+
+def unlabeled_batches(images: np.ndarray, *, global_batch: int, seed: int, start_step: int,
+                      num_steps: int, pixel_max: float, mean: float, std: float,
+                      weak: ml_collections.ConfigDict, strong: ml_collections.ConfigDict,
+                      process_index: int = 0, process_count: int = 1
+                      ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """Unlabelled images for steps ``[start_step, num_steps)``, each twice: weakly and strongly
+  augmented (FixMatch's two views). Step ``s`` takes positions ``[s*B, (s+1)*B)`` of
+  :func:`unlabeled_stream`; the views' randomness is keyed by (seed, view, position), so
+  the batches follow the determinism contract of :func:`train_batches`.
+
+  Args:
+    images: ``[U, *spatial, C]`` unlabelled images (no labels exist here to leak).
+    global_batch: unlabelled images per step over all processes.
+  Yields:
+    (weak, strong) float32 ``[B/P, *spatial, C]`` each.
+  """
+  if start_step >= num_steps:
+    return iter(())
+  rows = local_rows(global_batch, process_index, process_count)
+  spatial = images.ndim - 2
+  weak_fn, strong_fn = make_augment_fn(weak, spatial), make_augment_fn(strong, spatial)
+  positions = np.arange(start_step * global_batch, num_steps * global_batch,
+                        dtype=np.int64).reshape(-1, global_batch)[:, rows].reshape(-1)
+  indices = unlabeled_stream(seed, len(images), start_step * global_batch,
+                             num_steps * global_batch).reshape(-1, global_batch)[:, rows]
+  indices = indices.reshape(-1)
+  images_t = tf.constant(images)
+
+  def view(image, fn, stream, position):
+    if fn is None:
+      return image
+    key = tf.random.experimental.stateless_fold_in(tf.constant([seed, stream], tf.int64),
+                                                    position)
+    return fn(image, key)
+
+  def load(index, position):
+    image = _normalise(tf.gather(images_t, index), pixel_max, mean, std)
+    return view(image, weak_fn, 1, position), view(image, strong_fn, 2, position)
+
+  ds = tf.data.Dataset.from_tensor_slices((indices, positions))
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(rows.stop - rows.start, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)

@@ -12,6 +12,7 @@ class out; MedMNIST, the embedded synthetic dataset, or a folder of images.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict, Optional
 
@@ -19,8 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from medjax import losses, metrics as metrics_lib, tasks, workdir as workdir_lib
-from medjax.data import ClassificationData, load_data, pipeline
+from medjax import losses, metrics as metrics_lib, semi, tasks, workdir as workdir_lib
+from medjax.data import ClassificationData, few_labels, load_data, pipeline
 from medjax.experiments.base import Experiment, TrainState
 
 # What the CLI table, results.json's headline_metrics and the reports show, in this order.
@@ -65,33 +66,69 @@ class ClassificationExperiment(Experiment):
     if config.train.steps_per_epoch:
       raise ValueError('train.steps_per_epoch applies to segmentation; a classification epoch '
                        'is one pass over the training split')
-    train_labels = self.data.splits['train'][1]
-    self.class_weights = losses.parse_class_weights(
-        config.loss.class_weights, train_labels, self.data.num_classes, self.task)
     if config.loss.name not in ('ce', 'focal'):
       raise ValueError(f"unknown loss.name '{config.loss.name}'; expected 'ce' or 'focal'")
+    # Few labels: an epoch stays one pass over the whole training split's size, so every
+    # fraction and method trains for the same number of steps.
+    epoch_examples = len(self.data.splits['train'][1])
+    self.few = few_labels.split_labeled(self.data, config.data, config.seed)
+    self.unlabeled = None if self.few is None else self.few.unlabeled
+    if self.few is not None:
+      self.data = self.few.data
+    self.semi_method = semi.check_method(config.semi, self.task, self.unlabeled is not None)
+    self.epoch_steps = None if self.few is None else pipeline.steps_per_epoch(
+        epoch_examples, config.train.batch_size)
     self.setup(num_outputs=tasks.num_outputs(self.task, self.data.num_classes),
                input_shape=self.data.image_shape,
-               steps_per_epoch=pipeline.steps_per_epoch(len(train_labels),
-                                                        config.train.batch_size))
+               steps_per_epoch=self.epoch_steps or pipeline.steps_per_epoch(
+                   epoch_examples, config.train.batch_size))
     self._eval_step = jax.jit(self._eval_step_impl,
                               in_shardings=(self.replicated, self.batch_sharding,
                                             self.batch_sharding),
                               out_shardings=(self.replicated, self.replicated))
+    self.pseudo_info = None
+    if self.semi_method == 'self_training':
+      self._add_pseudo_labels()
+    self.class_weights = losses.parse_class_weights(
+        config.loss.class_weights, self.data.splits['train'][1], self.data.num_classes,
+        self.task)
+
+  def _add_pseudo_labels(self) -> None:
+    """Self-training: the teacher's confident pseudo-labels join the labelled examples."""
+    images, labels = self.data.splits['train']
+    index, pseudo, self.pseudo_info = semi.pseudo_labels(
+        self.config.semi, self.config.seed, self, self.unlabeled, labels)
+    splits = dict(self.data.splits)
+    splits['train'] = (np.concatenate([images, self.unlabeled[index]]),
+                       np.concatenate([labels, pseudo]))
+    self.data = dataclasses.replace(self.data, splits=splits)
+    print(f"Self-training: {len(index)} of {len(self.unlabeled)} unlabelled images "
+          f"pseudo-labelled by {self.pseudo_info['teacher']} (per class "
+          f"{self.pseudo_info['class_counts']})")
 
   @property
   def available_splits(self):
     return tuple(self.data.splits)
 
   def describe(self) -> str:
-    return self.data.summary()
+    text = self.data.summary()
+    if self.unlabeled is not None:
+      text += (f'; labelled {len(self.few.labeled_index)} of '
+               f'{len(self.few.labeled_index) + len(self.unlabeled)} training images '
+               f'(semi.method={self.semi_method})')
+    return text
 
   def headline_metrics(self, metrics: Dict[str, Any]) -> list:
     return [k for k in HEADLINE_METRICS if k in metrics]
 
   def run_files(self) -> Dict[str, Dict]:
     """``data_fingerprint.json``: what the data is (name, shapes, counts, hashes)."""
-    return {'data_fingerprint.json': self.data.fingerprint()}
+    fingerprint = self.data.fingerprint()
+    if self.few is not None:
+      fingerprint['few_labels'] = self.few.fingerprint()
+    if self.pseudo_info is not None:
+      fingerprint['pseudo_labels'] = self.pseudo_info
+    return {'data_fingerprint.json': fingerprint}
 
   def save_predictions(self, workdir: str, split: str, predictions) -> None:
     save_predictions(workdir, split, predictions, self.data.class_names)
@@ -110,8 +147,19 @@ class ClassificationExperiment(Experiment):
         label_smoothing=self.config.loss.label_smoothing)
 
   def loss(self, outputs, labels):
+    if self.semi_method == 'fixmatch':
+      return self._fixmatch_loss(outputs, labels)
     per_example, weights = self._per_example_loss(outputs, labels)
     return losses.weighted_mean(per_example, weights)
+
+  def _fixmatch_loss(self, outputs, labels):
+    labeled, weak, strong = semi.split_outputs(outputs, labels.shape[0],
+                                               jax.process_count())
+    per_example, weights = self._per_example_loss(labeled, labels)
+    unlabeled_loss, _ = semi.consistency_loss(
+        self.task, weak, strong, self.config.semi.threshold,
+        lambda logits, pseudo: self._per_example_loss(logits, pseudo)[0])
+    return losses.weighted_mean(per_example, weights) + self.config.semi.weight * unlabeled_loss
 
   def _eval_step_impl(self, state: TrainState, images, labels):
     logits = self.model.apply(self.variables(state), images, train=False)
@@ -122,16 +170,34 @@ class ClassificationExperiment(Experiment):
   def train_iterator(self, start_step: int):
     images, labels = self.data.splits['train']
     cfg = self.config.data
-    return pipeline.train_batches(
+    batches = pipeline.train_batches(
         images, labels, global_batch=self.global_batch, seed=self.config.seed,
         start_step=start_step, num_steps=self.total_steps, pixel_max=self.data.pixel_max,
         mean=cfg.mean, std=cfg.std, augment=cfg.augment,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        class_balanced=cfg.class_balanced)
+        class_balanced=cfg.class_balanced, epoch_steps=self.epoch_steps)
+    if self.semi_method != 'fixmatch':
+      return batches
+    views = pipeline.unlabeled_batches(
+        self.unlabeled, global_batch=self.global_batch * self.config.semi.unlabeled_ratio,
+        seed=self.config.seed, start_step=start_step, num_steps=self.total_steps,
+        pixel_max=self.data.pixel_max, mean=cfg.mean, std=cfg.std, weak=cfg.augment,
+        strong=self.config.semi.strong_augment, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    # This process's rows: [labelled; weak views; strong views] (see semi.split_outputs).
+    return ((np.concatenate([x, weak, strong]), y)
+            for (x, y), (weak, strong) in zip(batches, views))
+
+  def predict_images(self, state: TrainState, images: np.ndarray) -> np.ndarray:
+    """Class scores ``[N, K]`` of raw images ``[N, *spatial, C]`` (e.g. unlabelled ones)."""
+    return self._predict(state, images, np.zeros(len(images), np.int32))['scores']
 
   def predict(self, state: TrainState, split: str) -> Dict[str, np.ndarray]:
     """Scores of every example of ``split``, in dataset order, plus the per-example loss."""
-    images, labels = self.data.splits[split]
+    return self._predict(state, *self.data.splits[split])
+
+  def _predict(self, state: TrainState, images: np.ndarray, labels: np.ndarray
+               ) -> Dict[str, np.ndarray]:
     cfg = self.config.data
     batches = pipeline.eval_batches(
         images, labels, global_batch=self.config.train.eval_batch_size,

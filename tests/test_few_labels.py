@@ -1,0 +1,274 @@
+"""Training with few labels: the labelled subset, FixMatch and self-training
+(:mod:`medjax.data.few_labels`, :mod:`medjax.semi`)."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from medjax import config as config_lib, semi, train as train_lib
+from medjax.data import few_labels, load_data, pipeline
+from medjax.experiments import make_experiment
+from medjax.experiments.classification import ClassificationExperiment
+
+
+def _config(*overrides):
+  c = config_lib.load_config_file('configs/quickstart.py:runlocal')
+  return config_lib.apply_overrides(c, list(overrides))
+
+
+# ----- the labelled subset ------------------------------------------------------------------
+def test_stratified_subset_keeps_each_class_share():
+  labels = np.repeat([0, 1, 2], [700, 250, 50])
+  for size, seed in ((100, 0), (37, 1), (20, 2)):
+    index = few_labels.stratified_subset(labels, size, seed)
+    assert len(index) == size == len(np.unique(index))
+    counts = np.bincount(labels[index], minlength=3)
+    expected = size * np.array([700, 250, 50]) / 1000
+    # Largest remainder: every class within one of its share.
+    assert np.all(np.abs(counts - expected) < 1), (size, counts)
+    np.testing.assert_array_equal(index, few_labels.stratified_subset(labels, size, seed))
+  # Too few for the shares: every class still gets one (3 of 1000: shares 2.1, 0.75, 0.15).
+  np.testing.assert_array_equal(
+      np.bincount(labels[few_labels.stratified_subset(labels, 3, 0)]), [1, 1, 1])
+  np.testing.assert_array_equal(
+      np.bincount(labels[few_labels.stratified_subset(labels, 5, 0)]), [3, 1, 1])
+  a = few_labels.stratified_subset(labels, 100, 0)
+  b = few_labels.stratified_subset(labels, 100, 1)
+  assert not np.array_equal(a, b)
+  with pytest.raises(ValueError, match='cannot cover the 3 classes'):
+    few_labels.stratified_subset(labels, 2, 0)
+
+
+def test_labeled_fraction_and_count_pick_a_subset_and_keep_the_rest_as_images_only():
+  c = _config('data.labeled_fraction=0.25')
+  data = load_data(c)
+  images, labels = data.splits['train']
+  few = few_labels.split_labeled(data, c.data, seed=0)
+  assert len(few.labeled_index) == 64 and len(few.unlabeled) == 256 - 64
+  np.testing.assert_array_equal(few.data.splits['train'][1], labels[few.labeled_index])
+  rest = np.setdiff1d(np.arange(256), few.labeled_index)
+  np.testing.assert_array_equal(few.unlabeled, images[rest])
+  for split in ('val', 'test'):
+    assert few.data.splits[split] is data.splits[split]
+  # The run's seed picks the subset (data.labeled_seed=-1) unless a subset seed is given.
+  other = few_labels.split_labeled(data, c.data, seed=1)
+  assert not np.array_equal(other.labeled_index, few.labeled_index)
+  c.data.labeled_seed = 5
+  np.testing.assert_array_equal(few_labels.split_labeled(data, c.data, seed=0).labeled_index,
+                                few_labels.split_labeled(data, c.data, seed=1).labeled_index)
+  c.data.labeled_count = 10
+  assert len(few_labels.split_labeled(data, c.data, seed=0).labeled_index) == 10
+  c.data.labeled_count = 0
+  c.data.labeled_fraction = 1.0
+  assert few_labels.split_labeled(data, c.data, seed=0) is None
+  c.data.labeled_fraction = 0.0
+  with pytest.raises(ValueError, match=r'labeled_fraction must be in \(0, 1\]'):
+    few_labels.split_labeled(data, c.data, seed=0)
+
+
+def test_semi_methods_refuse_configs_they_cannot_use():
+  with pytest.raises(ValueError, match='every training image is labelled'):
+    make_experiment(_config('semi.method=fixmatch'))
+  with pytest.raises(ValueError, match='needs semi.teacher'):
+    make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=self_training'))
+  with pytest.raises(ValueError, match="unknown semi.method 'mixmatch'"):
+    make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=mixmatch'))
+  with pytest.raises(ValueError, match='multi-label data has no single pseudo-label'):
+    semi.check_method(_config('semi.method=fixmatch').semi, 'multilabel', True)
+
+
+def test_few_labels_train_as_many_steps_as_all_labels():
+  all_labels = make_experiment(_config())
+  few = make_experiment(_config('data.labeled_fraction=0.05'))
+  assert few.steps_per_epoch == all_labels.steps_per_epoch == 256 // 32
+  assert len(few.data.splits['train'][1]) == 13
+  # Every labelled example appears equally often per epoch (whole seeded permutations).
+  _, labels = few.data.splits['train']
+  order = np.concatenate([pipeline.epoch_order(0, 0, 13, 8 * 32)])
+  np.testing.assert_array_equal(np.bincount(order[:13 * 19], minlength=13), 19)
+  np.testing.assert_array_equal(pipeline.epoch_order(3, 2, 50, 40),
+                                pipeline.epoch_permutation(3, 2, 50)[:40])
+  steps = list(few.train_iterator(0))
+  assert len(steps) == few.total_steps and steps[0][0].shape == (32, 32, 32, 1)
+
+
+# ----- labels of unlabelled images never reach the loss --------------------------------------
+def _train_params(config, data, steps=6):
+  exp = ClassificationExperiment(config, data)
+  state = exp.init_state()
+  losses = []
+  for _, (images, labels) in zip(range(steps), exp.train_iterator(0)):
+    state, metrics = exp.train_step(state, images, labels)
+    losses.append(float(metrics['loss']))
+  return np.array(losses), jax.device_get(state.params)
+
+
+@pytest.mark.parametrize('method', ['none', 'fixmatch'])
+def test_labels_of_unlabelled_images_never_reach_the_loss(method, monkeypatch):
+  """With the same labelled subset, changing every unlabelled image's label changes nothing
+  (bit-identical losses and parameters); changing one labelled image's label does (so the
+  test can fail). (Choosing a stratified subset reads the labels, as simulating few labels
+  on a labelled dataset must; the subset is held fixed here.)"""
+  c = _config('data.labeled_fraction=0.1', f'semi.method={method}', 'semi.threshold=0.4')
+  data = load_data(c)
+  images, labels = data.splits['train']
+  few = few_labels.split_labeled(data, c.data, c.seed)
+  monkeypatch.setattr(few_labels, 'stratified_subset', lambda *a: few.labeled_index)
+  unlabeled = np.setdiff1d(np.arange(len(labels)), few.labeled_index)
+
+  def with_labels(new_labels):
+    return dataclasses.replace(data, splits={**data.splits, 'train': (images, new_labels)})
+
+  relabeled = labels.copy()
+  relabeled[unlabeled] = (labels[unlabeled] + 1) % 3
+  reference_losses, reference_params = _train_params(c, data)
+  losses, params = _train_params(c, with_labels(relabeled))
+  np.testing.assert_array_equal(losses, reference_losses)
+  jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+  one_labeled = labels.copy()
+  one_labeled[few.labeled_index[0]] = (labels[few.labeled_index[0]] + 1) % 3
+  losses, _ = _train_params(c, with_labels(one_labeled))
+  assert not np.array_equal(losses, reference_losses)
+
+
+# ----- FixMatch ------------------------------------------------------------------------------
+def test_fixmatch_loss_against_numpy():
+  rng = np.random.default_rng(0)
+  weak = rng.normal(0, 3, (12, 3)).astype(np.float32)
+  strong = rng.normal(0, 1, (12, 3)).astype(np.float32)
+  ce = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y)  # noqa
+  loss, mask_rate = semi.consistency_loss('multiclass', jnp.asarray(weak), jnp.asarray(strong),
+                                          0.9, ce)
+  p = np.exp(weak - weak.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  mask = p.max(1) >= 0.9
+  log_q = strong - strong.max(1, keepdims=True)
+  log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+  expected = -log_q[np.arange(12), p.argmax(1)] * mask
+  assert 0 < mask.sum() < 12
+  np.testing.assert_allclose(float(loss), expected.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(mask_rate), mask.mean())
+  # The pseudo-label is a constant: no gradient flows into the weak view.
+  grad_weak = jax.grad(lambda w: semi.consistency_loss('multiclass', w, jnp.asarray(strong),
+                                                       0.9, ce)[0])(jnp.asarray(weak))
+  assert not np.any(np.asarray(grad_weak))
+
+
+def test_fixmatch_outputs_split_per_process_block():
+  # 2 processes, each [labelled 2; weak 3; strong 3]: rows numbered by role.
+  block = np.array([0, 0, 1, 1, 1, 2, 2, 2])
+  outputs = jnp.asarray(np.concatenate([block, block + 10])[:, None].astype(np.float32))
+  labeled, weak, strong = semi.split_outputs(outputs, num_labeled=4, process_count=2)
+  np.testing.assert_array_equal(np.asarray(labeled)[:, 0], [0, 0, 10, 10])
+  np.testing.assert_array_equal(np.asarray(weak)[:, 0], [1, 1, 1, 11, 11, 11])
+  np.testing.assert_array_equal(np.asarray(strong)[:, 0], [2, 2, 2, 12, 12, 12])
+
+
+def _views(images, start, stop, process_index=0, process_count=1):
+  c = _config()
+  return list(pipeline.unlabeled_batches(
+      images, global_batch=8, seed=3, start_step=start, num_steps=stop, pixel_max=255.0,
+      mean=0.5, std=0.5, weak=c.data.augment, strong=c.semi.strong_augment,
+      process_index=process_index, process_count=process_count))
+
+
+def test_unlabelled_views_are_deterministic_resumable_and_split_over_processes():
+  images = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 1), dtype=np.uint8)
+  full = _views(images, 0, 6)
+  assert len(full) == 6 and full[0][0].shape == (8, 16, 16, 1)
+  for (w, s), (w2, s2) in zip(full[2:], _views(images, 2, 6)):
+    np.testing.assert_array_equal(w, w2)
+    np.testing.assert_array_equal(s, s2)
+  halves = [_views(images, 0, 6, p, 2) for p in (0, 1)]
+  for step, (w, s) in enumerate(full):
+    np.testing.assert_array_equal(np.concatenate([halves[0][step][0], halves[1][step][0]]), w)
+    np.testing.assert_array_equal(np.concatenate([halves[0][step][1], halves[1][step][1]]), s)
+  # Positions 0..47 visit every image: whole permutations, each image 2.4 times.
+  stream = pipeline.unlabeled_stream(3, 20, 0, 40)
+  np.testing.assert_array_equal(np.bincount(stream, minlength=20), 2)
+  np.testing.assert_array_equal(pipeline.unlabeled_stream(3, 20, 13, 31), stream[13:31])
+  # The two views of one image differ (strong: rotation, scale, intensity, cutout).
+  assert not np.allclose(full[0][0], full[0][1])
+
+
+def test_cutout_zeroes_a_square_of_the_given_side():
+  c = _config()
+  aug = c.data.augment
+  aug.cutout = 0.5
+  fn = pipeline.make_augment_fn(aug, 2)
+  image = np.ones((32, 32, 1), np.float32)
+  import tensorflow as tf
+  areas = []
+  for k in range(20):
+    out = fn(tf.constant(image), tf.constant([k, 1], tf.int64)).numpy()
+    zero = out[..., 0] == 0
+    rows, cols = np.flatnonzero(zero.any(1)), np.flatnonzero(zero.any(0))
+    # One axis-aligned rectangle (a 16 x 16 square clipped at the border).
+    assert zero.sum() == len(rows) * len(cols) and len(rows) <= 16 and len(cols) <= 16
+    areas.append(zero.sum())
+  assert max(areas) == 256 and min(areas) >= 64
+  aug.cutout = 1.0
+  with pytest.raises(ValueError, match='cutout is a fraction'):
+    pipeline.make_augment_fn(aug, 2)
+
+
+# ----- self-training -------------------------------------------------------------------------
+def test_select_pseudo_labels_threshold_and_class_balance():
+  rng = np.random.default_rng(1)
+  scores = rng.dirichlet([0.3, 0.3], 400)
+  index, labels = few_labels.select_pseudo_labels(scores, 0.9)
+  np.testing.assert_array_equal(index, np.flatnonzero(scores.max(1) >= 0.9))
+  np.testing.assert_array_equal(labels, scores[index].argmax(1))
+  # Prior 3:1 -> the kept classes follow 3:1, each the most confident of its class.
+  index, labels = few_labels.select_pseudo_labels(scores, 0.9, np.array([30, 10]))
+  counts = np.bincount(labels, minlength=2)
+  available = [np.sum((scores.max(1) >= 0.9) & (scores.argmax(1) == c)) for c in (0, 1)]
+  total = int(np.floor(min(available[0] / 0.75, available[1] / 0.25)))
+  np.testing.assert_array_equal(counts, [min(round(total * .75), available[0]),
+                                         min(round(total * .25), available[1])])
+  for c in (0, 1):
+    kept = scores[index[labels == c], c]
+    confident_c = scores[(scores.max(1) >= 0.9) & (scores.argmax(1) == c), c]
+    assert kept.min() >= np.sort(confident_c)[::-1][len(kept) - 1]
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('few') / 'teacher')
+  train_lib.train_and_evaluate(_config('data.labeled_fraction=0.2'), workdir)
+  return workdir
+
+
+def test_self_training_adds_the_teachers_confident_pseudo_labels(teacher, tmp_path):
+  c = _config('data.labeled_fraction=0.2', 'semi.method=self_training',
+              f'semi.teacher={teacher}', 'semi.threshold=0.5', 'semi.class_balance=False')
+  student = make_experiment(c)
+  few = few_labels.split_labeled(load_data(c), c.data, c.seed)
+  teacher_exp, state, _ = train_lib.restore_workdir(teacher)
+  scores = teacher_exp.predict_images(state, few.unlabeled)
+  confident = np.flatnonzero(scores.max(1) >= 0.5)
+  assert 0 < len(confident) < len(few.unlabeled)
+  images, labels = student.data.splits['train']
+  assert len(labels) == 51 + len(confident)
+  np.testing.assert_array_equal(images[51:], few.unlabeled[confident])
+  np.testing.assert_array_equal(labels[51:], scores[confident].argmax(1))
+  assert student.steps_per_epoch == 8
+  # A full run records the pseudo-labels in its data fingerprint (a resume must match).
+  workdir = str(tmp_path / 'student')
+  c.train.num_epochs = 1
+  train_lib.train_and_evaluate(c, workdir)
+  with open(os.path.join(workdir, 'data_fingerprint.json')) as f:
+    fingerprint = json.load(f)
+  assert fingerprint['pseudo_labels']['pseudo_labeled'] == len(confident)
+  assert fingerprint['few_labels'] == few.fingerprint()
+  assert fingerprint['splits']['train']['examples'] == 51 + len(confident)
+  # The teacher of seed K of a group is the teacher group's seed_K.
+  os.makedirs(tmp_path / 'group' / 'seed_3')
+  assert semi.teacher_workdir(str(tmp_path / 'group'), 3) == str(tmp_path / 'group' / 'seed_3')
+  assert semi.teacher_workdir(teacher, 3) == teacher
