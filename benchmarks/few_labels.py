@@ -1,0 +1,115 @@
+"""Few labels on MedMNIST: supervised on the labelled part, self-training, FixMatch, and all
+labels, at several label fractions, each as a group of seeds in one program.
+
+  python benchmarks/few_labels.py --dataset breastmnist --fractions 0.05,0.1,0.25 \\
+      --seeds 0,1,2 --runs /tmp/few_labels
+
+Recipe: configs/few_labels.py:<dataset> (every run the same number of steps). Self-training's
+teacher is the labelled-only run of the same fraction and seed. Finished runs (a
+summary.json) are reused, so an interrupted benchmark continues where it stopped. Prints a
+table of test AUC / accuracy (mean +- sd over seeds) and the share of the gap between
+labelled-only and all labels that each method recovers, and writes
+benchmarks/results/few_labels_<dataset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_table import write_results  # noqa: E402
+
+from medjax import config as config_lib, train as train_lib  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ('none', 'self_training', 'fixmatch')
+LABELS = {'none': 'labelled only', 'self_training': 'self-training', 'fixmatch': 'FixMatch',
+          'all': 'all labels'}
+
+
+def run(dataset: str, workdir: str, seeds, overrides) -> dict:
+  """summary.json of a seed group (trained unless it already finished), plus wall time."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    config = config_lib.load_config_file(os.path.join(REPO, 'configs', 'few_labels.py') +
+                                         f':{dataset}')
+    config_lib.apply_overrides(config, [f'train.seeds={tuple(seeds)}',
+                                        'train.progress_bar=False', *overrides])
+    start = time.time()
+    train_lib.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'wall_time_s.txt'), 'w') as f:
+      f.write(f'{time.time() - start:.1f}\n')
+  with open(path) as f:
+    summary = json.load(f)
+  with open(os.path.join(workdir, 'wall_time_s.txt')) as f:
+    summary['wall_time_s'] = float(f.read())
+  return summary
+
+
+def cell(summary: dict, metric: str) -> dict:
+  entry = summary['splits']['test'][metric]
+  return {'mean': entry['mean'], 'sd': entry['sd'], 'per_seed': entry['per_seed']}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dataset', default='breastmnist')
+  parser.add_argument('--fractions', default='0.05,0.1,0.25')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--runs', default='/tmp/medjax_few_labels')
+  parser.add_argument('--extra', default='', help='more config overrides, ";"-separated')
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  fractions = [float(f) for f in args.fractions.split(',')]
+  methods = args.methods.split(',')
+  extra = [o for o in args.extra.split(';') if o]
+  root = os.path.join(args.runs, args.dataset)
+
+  rows = []
+  reference = run(args.dataset, os.path.join(root, 'all'), seeds, extra)
+  all_auc, all_acc = cell(reference, 'auc'), cell(reference, 'accuracy')
+  rows.append({'fraction': 1.0, 'method': 'all', 'auc': all_auc, 'accuracy': all_acc,
+               'wall_time_s': reference['wall_time_s']})
+  for fraction in fractions:
+    base_dir = os.path.join(root, f'{fraction:g}', 'none')
+    for method in methods:
+      workdir = os.path.join(root, f'{fraction:g}', method)
+      overrides = [f'data.labeled_fraction={fraction}', f'semi.method={method}', *extra]
+      if method == 'self_training':
+        run(args.dataset, base_dir, seeds, [f'data.labeled_fraction={fraction}', *extra])
+        overrides.append(f'semi.teacher={base_dir}')
+      summary = run(args.dataset, workdir, seeds, overrides)
+      rows.append({'fraction': fraction, 'method': method, 'auc': cell(summary, 'auc'),
+                   'accuracy': cell(summary, 'accuracy'),
+                   'wall_time_s': summary['wall_time_s']})
+  # Share of the labelled-only -> all-labels gap each method recovers (test AUC means).
+  for row in rows:
+    base = next((r for r in rows if r['fraction'] == row['fraction'] and r['method'] == 'none'),
+                None)
+    if base is not None and row['method'] not in ('none', 'all'):
+      gap = all_auc['mean'] - base['auc']['mean']
+      row['auc_gap_recovered'] = (row['auc']['mean'] - base['auc']['mean']) / gap if gap else None
+
+  print(f"\n{args.dataset}: test AUC / ACC, mean ± sd over seeds {seeds} "
+        '(configs/few_labels.py)')
+  print(f"{'labels':>8} {'method':<15} {'AUC':>17} {'ACC':>17} {'gap recovered':>14} "
+        f"{'wall s':>8}")
+  for row in rows:
+    recovered = row.get('auc_gap_recovered')
+    print(f"{row['fraction']:>8.0%} {LABELS[row['method']]:<15} "
+          f"{row['auc']['mean']:>8.3f} ± {row['auc']['sd']:.3f} "
+          f"{row['accuracy']['mean']:>8.3f} ± {row['accuracy']['sd']:.3f} "
+          f"{'' if recovered is None else f'{recovered:.0%}':>14} {row['wall_time_s']:>8.0f}")
+  write_results(os.path.join(REPO, 'benchmarks', 'results', f'few_labels_{args.dataset}.json'),
+                rows, dataset=args.dataset, seeds=seeds,
+                config='configs/few_labels.py:' + args.dataset, extra_overrides=extra)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,46 @@
+"""Few labels on MedMNIST: the recipe of benchmarks/few_labels.py (a small CNN, minutes per run
+on a CPU), to compare supervised-on-the-labelled-part, self-training, FixMatch and all labels.
+
+``arg``: the MedMNIST flag ('breastmnist', 'pneumoniamnist', ...; the file comes from
+../shared/data/medmnist or --config.data.path) or 'runlocal' (synthetic data, seconds).
+
+  # 10 % labels, 3 seeds in one program: the labelled-only baseline, then the two methods
+  medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/none \\
+      --seeds 0,1,2 --config.data.labeled_fraction=0.1
+  medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/self_training \\
+      --seeds 0,1,2 --config.data.labeled_fraction=0.1 --config.semi.method=self_training \\
+      --config.semi.teacher=runs/b10/none
+  medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/fixmatch \\
+      --seeds 0,1,2 --config.data.labeled_fraction=0.1 --config.semi.method=fixmatch
+
+Every run of a dataset trains for the same number of steps (an epoch is one pass over the
+whole training split's size, labelled or not); the checkpoint is chosen by validation AUC on
+the full validation split (MedMNIST's protocol; with truly few labels, the validation set
+would be small too).
+"""
+
+import os
+
+import ml_collections
+
+from medjax import config as config_lib
+from medjax.recipes import SHARED_MEDMNIST
+
+
+def get_config(arg: str = 'breastmnist') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(name='medmnist', flag=arg, path=os.path.normpath(SHARED_MEDMNIST),
+                augment=dict(flip_lr=True, rotation_deg=10.0, scale_min=0.9, scale_max=1.1))
+  c.model = dict(name='simple_cnn', features=(32, 64), hidden=128, dropout_rate=0.3)
+  c.optimizer = dict(name='adam', learning_rate=1e-3, schedule='cosine', warmup_epochs=1,
+                     weight_decay=1e-4)
+  c.train = dict(num_epochs=30, batch_size=32, eval_batch_size=256, log_every_steps=50,
+                 selection_metric='auc', keep_checkpoints=1)
+  c.semi = dict(method='none', threshold=0.95, unlabeled_ratio=3, weight=1.0)
+  if arg == 'runlocal':
+    c.data = dict(name='synthetic', synthetic=dict(num_train=256, num_val=64, num_test=64,
+                                                   num_classes=2),
+                  augment=c.data['augment'])
+    c.train.update(num_epochs=2, eval_batch_size=64, progress_bar=False)
+  return c
