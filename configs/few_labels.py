@@ -23,7 +23,6 @@ import os
 
 import ml_collections
 
-from medjax import config as config_lib
 from medjax.recipes import SHARED_MEDMNIST
 
 

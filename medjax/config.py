@@ -94,16 +94,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'simple_cnn'
 
-  # Semi-supervised learning from the unlabelled rest of the training split (classification;
-  # see medjax/semi.py): 'none' | 'fixmatch' (consistency loss in the same run) |
-  # 'self_training' (a trained teacher's confident pseudo-labels join the labelled data).
+  # Semi-supervised learning from the unlabelled rest of the training split (medjax/semi.py):
+  # 'none'; classification: 'fixmatch' (consistency loss in the same run) | 'self_training'
+  # (a trained teacher's confident pseudo-labels join the labelled data); segmentation:
+  # 'mean_teacher' (consistency with the parameters' moving average, in the same run).
   c.semi = ml_collections.ConfigDict()
   c.semi.method = 'none'
   c.semi.teacher = ''                 # self_training: the teacher's workdir (or seed group)
   c.semi.threshold = 0.95             # confidence a pseudo-label needs
   c.semi.class_balance = True         # self_training: pseudo-labels follow the labelled prior
-  c.semi.unlabeled_ratio = 2          # fixmatch: unlabelled images per labelled one in a step
-  c.semi.weight = 1.0                 # fixmatch: weight of the unlabelled loss
+  c.semi.unlabeled_ratio = 2          # fixmatch, mean_teacher: unlabelled per labelled in a step
+  c.semi.weight = 1.0                 # fixmatch, mean_teacher: weight of the unlabelled loss
+  c.semi.ema_decay = 0.99             # mean_teacher: the teacher's parameter average
+  c.semi.noise_std = 0.1              # mean_teacher: Gaussian input noise, student and teacher
+  c.semi.ramp_up_fraction = 0.25      # mean_teacher: consistency weight's sigmoid ramp-up
   # fixmatch: strong augmentation of the unlabelled images (the weak one is data.augment).
   c.semi.strong_augment = ml_collections.ConfigDict(dict(
       flip_lr=True, flip_ud=False, rotation_deg=30.0, scale_min=0.8, scale_max=1.2,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -55,3 +59,32 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
   else:
     raise ValueError(f"unknown optimizer '{cfg.name}'; expected sgd, adam, adamw or adagrad")
   return optax.chain(*parts)
+
+
+class EmaState(NamedTuple):
+  """State of :func:`with_parameter_ema`: the wrapped optimizer's state and the average."""
+  count: jax.Array
+  inner: optax.OptState
+  ema: optax.Params
+
+
+def with_parameter_ema(tx: optax.GradientTransformation,
+                       decay: float) -> optax.GradientTransformation:
+  """``tx`` that also keeps an exponential moving average of the parameters after each
+  update (the mean teacher of Tarvainen & Valpola 2017): ``ema <- a ema + (1 - a) params``
+  with ``a = min(decay, 1 - 1 / (t + 1))`` at update ``t`` (1, 2, ...), so early on the
+  average follows the fast-changing parameters. Read it from ``opt_state.ema``."""
+
+  def init(params):
+    return EmaState(jnp.zeros((), jnp.int32), tx.init(params),
+                    jax.tree.map(jnp.array, params))
+
+  def update(updates, state, params):
+    updates, inner = tx.update(updates, state.inner, params)
+    new_params = optax.apply_updates(params, updates)
+    count = state.count + 1
+    a = jnp.minimum(decay, 1.0 - 1.0 / (count + 1.0))
+    ema = jax.tree.map(lambda e, p: a * e + (1.0 - a) * p, state.ema, new_params)
+    return updates, EmaState(count, inner, ema)
+
+  return optax.GradientTransformation(init, update)

@@ -1,4 +1,4 @@
-"""Semi-supervised classification: learning from the unlabelled rest of the training split.
+"""Semi-supervised learning: from the unlabelled rest of the training split.
 
 Set ``data.labeled_fraction`` (or ``data.labeled_count``) to keep a seeded, stratified
 labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
@@ -25,7 +25,21 @@ labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
   forward pass over labelled + weak + strong images (batch statistics over all of them, as
   in the paper); the pseudo-labels are not differentiated.
 
-The unlabelled images never carry labels into training: :class:`FewLabels` keeps images only.
+Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled training
+*cases*; the rest are read as images only):
+
+* ``'mean_teacher'`` (Tarvainen & Valpola 2017; Yu et al. 2019 for segmentation), in one run:
+  each step also takes ``semi.unlabeled_ratio`` x batch patches of unlabelled cases; the
+  teacher is the exponential moving average of the student's parameters
+  (``semi.ema_decay``, kept in the optimizer state by :func:`medjax.optim.with_parameter_ema`);
+  student and teacher see the same patches with independent Gaussian noise
+  (``semi.noise_std``), and ``loss = supervised(labelled) + semi.weight * ramp(t) *
+  MSE(softmax(student), teacher probabilities)`` over the unlabelled patches, the weight
+  ramped up over the first ``semi.ramp_up_fraction`` of training. Validation and prediction
+  use the student.
+
+The unlabelled images never carry labels into training: :class:`FewLabels` keeps images only,
+and segmentation's unlabelled sampler reads images only (both tested).
 """
 
 from __future__ import annotations
@@ -41,14 +55,17 @@ import numpy as np
 from medjax import tasks
 from medjax.data import few_labels
 
-METHODS = ('none', 'fixmatch', 'self_training')
+CLASSIFICATION_METHODS = ('none', 'fixmatch', 'self_training')
+SEGMENTATION_METHODS = ('none', 'mean_teacher')
 
 
 def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool) -> str:
   """``semi.method``, checked against the task and the data."""
   method = cfg.method
-  if method not in METHODS:
-    raise ValueError(f"unknown semi.method '{method}'; expected one of {', '.join(METHODS)}")
+  methods = SEGMENTATION_METHODS if task == 'segmentation' else CLASSIFICATION_METHODS
+  if method not in methods:
+    raise ValueError(f"unknown semi.method '{method}' for {task}; expected one of "
+                     f"{', '.join(methods)}")
   if method == 'none':
     return method
   if task == 'multilabel':
@@ -62,25 +79,41 @@ def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool)
   if method == 'self_training' and not cfg.teacher:
     raise ValueError('semi.method=self_training needs semi.teacher: the workdir of a run '
                      'trained on the labelled part')
-  if method == 'fixmatch' and cfg.unlabeled_ratio < 1:
+  if method in ('fixmatch', 'mean_teacher') and cfg.unlabeled_ratio < 1:
     raise ValueError(f'semi.unlabeled_ratio must be >= 1, got {cfg.unlabeled_ratio}')
   return method
+
+
+# ----- batches of labelled and unlabelled rows ------------------------------------------
+def split_rows(x: jax.Array, num_labeled: int, groups: int, process_count: int) -> list:
+  """A batch of ``[labelled; unlabelled view 1; ...; view groups-1]`` rows -> one array per
+  group.
+
+  Each process contributes its rows ``[labelled b; u; ...; u]`` and the global batch is the
+  processes' rows one after another, so ``x`` ``[P * (b + (groups - 1) u), ...]`` splits per
+  process block. ``num_labeled`` is ``P * b``.
+  """
+  blocks = x.reshape((process_count, -1) + x.shape[1:])
+  b = num_labeled // process_count
+  u = (blocks.shape[1] - b) // (groups - 1)
+  flat = lambda y: y.reshape((-1,) + x.shape[1:])  # noqa: E731
+  return [flat(blocks[:, :b])] + [flat(blocks[:, b + i * u:b + (i + 1) * u])
+                                  for i in range(groups - 1)]
+
+
+def join_rows(parts, process_count: int) -> jax.Array:
+  """Inverse of :func:`split_rows`: the groups' rows back into per-process blocks."""
+  blocks = [p.reshape((process_count, -1) + p.shape[1:]) for p in parts]
+  joined = jnp.concatenate(blocks, axis=1)
+  return joined.reshape((-1,) + joined.shape[2:])
 
 
 # ----- FixMatch -----------------------------------------------------------------------------
 def split_outputs(outputs: jax.Array, num_labeled: int, process_count: int
                   ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Model outputs of a FixMatch batch -> (labelled, weak, strong) outputs.
-
-  Each process contributes the rows ``[labelled b; weak u; strong u]`` and the global batch
-  is the processes' rows one after another, so ``outputs`` ``[P * (b + 2u), K]`` splits per
-  process block. ``num_labeled`` is ``P * b``.
-  """
-  blocks = outputs.reshape((process_count, -1) + outputs.shape[1:])
-  b = num_labeled // process_count
-  u = (blocks.shape[1] - b) // 2
-  flat = lambda x: x.reshape((-1,) + outputs.shape[1:])  # noqa: E731
-  return flat(blocks[:, :b]), flat(blocks[:, b:b + u]), flat(blocks[:, b + u:])
+  """Model outputs of a FixMatch batch ``[labelled; weak; strong]`` -> the three parts."""
+  labeled, weak, strong = split_rows(outputs, num_labeled, 3, process_count)
+  return labeled, weak, strong
 
 
 def consistency_loss(task: str, weak_logits: jax.Array, strong_logits: jax.Array,
@@ -132,5 +165,50 @@ def pseudo_labels(cfg: ml_collections.ConfigDict, seed: int, exp: Any,
   info = {'teacher': os.path.abspath(workdir), 'teacher_step': step,
           'threshold': cfg.threshold, 'class_balance': bool(cfg.class_balance),
           'pseudo_labeled': int(len(index)), 'unlabeled': int(len(unlabeled)),
-          'class_counts': np.bincount(labels, minlength=scores.shape[1]).tolist()}
+          'class_counts': np.bincount(labels, minlength=scores.shape[1]).tolist(),
+          'confident_per_class': confident_per_class(scores, cfg.threshold).tolist()}
   return index, labels.astype(np.asarray(labeled_labels).dtype), info
+
+
+def confident_per_class(scores: np.ndarray, threshold: float) -> np.ndarray:
+  """``[K]``: how many rows of ``scores`` ``[U, K]`` predict each class with at least
+  ``threshold``."""
+  scores = np.asarray(scores)
+  confident = scores.max(axis=1) >= threshold
+  return np.bincount(scores.argmax(axis=1)[confident], minlength=scores.shape[1])
+
+
+def pseudo_label_warning(info: Dict[str, Any]) -> str:
+  """Why self-training got no pseudo-labels ('' when it got some)."""
+  if info['pseudo_labeled']:
+    return ''
+  counts = info['confident_per_class']
+  if info['class_balance'] and any(counts):
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    return (f"the teacher is confident (>= {info['threshold']}) of no unlabelled image of "
+            f"class(es) {empty}, so class-balanced selection keeps none (confident per class: "
+            f"{counts}); the student trains on the labelled images only. Lower "
+            "semi.threshold or set semi.class_balance=False")
+  return (f"the teacher is confident (>= {info['threshold']}) of no unlabelled image; the "
+          "student trains on the labelled images only. Lower semi.threshold")
+
+
+# ----- mean teacher (segmentation) ----------------------------------------------------------
+def ramp_up(step: jax.Array, total_steps: int, fraction: float) -> jax.Array:
+  """The consistency weight's sigmoid ramp-up (Laine & Aila 2017): ``exp(-5 (1 - t)^2)``
+  with ``t = step / (fraction * total_steps)``, then 1."""
+  length = max(fraction * total_steps, 1.0)
+  t = jnp.clip(step / length, 0.0, 1.0)
+  return jnp.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def noisy(images: jax.Array, key: jax.Array, std: float) -> jax.Array:
+  return images + std * jax.random.normal(key, images.shape, images.dtype)
+
+
+def consistency_mse(student_logits: jax.Array, teacher_probabilities: jax.Array) -> jax.Array:
+  """Mean squared difference of the student's softmax and the teacher's probabilities over
+  every voxel and class (the mean-teacher consistency of Tarvainen & Valpola 2017 and
+  Yu et al. 2019)."""
+  student = jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1)
+  return jnp.mean((student - teacher_probabilities) ** 2)

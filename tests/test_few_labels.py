@@ -238,6 +238,20 @@ def test_select_pseudo_labels_threshold_and_class_balance():
     assert kept.min() >= np.sort(confident_c)[::-1][len(kept) - 1]
 
 
+def test_pseudo_label_warning_says_which_class_blocks_class_balance():
+  # The teacher is sure of class 1 only: class balance keeps nothing, and says why.
+  scores = np.array([[0.02, 0.98], [0.03, 0.97], [0.6, 0.4], [0.3, 0.7]])
+  np.testing.assert_array_equal(semi.confident_per_class(scores, 0.95), [0, 2])
+  index, _ = few_labels.select_pseudo_labels(scores, 0.95, np.array([1, 3]))
+  assert len(index) == 0
+  info = {'pseudo_labeled': 0, 'confident_per_class': [0, 2], 'class_balance': True,
+          'threshold': 0.95}
+  assert 'no unlabelled image of class(es) [0]' in semi.pseudo_label_warning(info)
+  assert 'Lower semi.threshold' in semi.pseudo_label_warning(
+      dict(info, confident_per_class=[0, 0]))
+  assert semi.pseudo_label_warning(dict(info, pseudo_labeled=2)) == ''
+
+
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('few') / 'teacher')
@@ -272,3 +286,107 @@ def test_self_training_adds_the_teachers_confident_pseudo_labels(teacher, tmp_pa
   os.makedirs(tmp_path / 'group' / 'seed_3')
   assert semi.teacher_workdir(str(tmp_path / 'group'), 3) == str(tmp_path / 'group' / 'seed_3')
   assert semi.teacher_workdir(teacher, 3) == teacher
+
+
+# ----- mean teacher (segmentation) ----------------------------------------------------------
+def test_parameter_ema_against_numpy():
+  from medjax import optim
+  tx = optim.with_parameter_ema(optax.sgd(0.1), decay=0.9)
+  params = {'w': jnp.array([1.0, -2.0])}
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  ema, p = np.array([1.0, -2.0]), np.array([1.0, -2.0])
+  for t in range(1, 30):
+    grad = rng.normal(size=2).astype(np.float32)
+    updates, state = tx.update({'w': jnp.asarray(grad)}, state, params)
+    params = optax.apply_updates(params, updates)
+    p = p - 0.1 * grad
+    a = min(0.9, 1 - 1 / (t + 1))
+    ema = a * ema + (1 - a) * p
+    np.testing.assert_allclose(np.asarray(params['w']), p, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.ema['w']), ema, rtol=1e-5)
+  assert int(state.count) == 29
+
+
+def test_consistency_pieces_against_numpy():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+  teacher = rng.dirichlet([1, 1, 1], (2, 4, 4)).astype(np.float32)
+  softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(float(semi.consistency_mse(jnp.asarray(logits),
+                                                        jnp.asarray(teacher))),
+                             np.mean((softmax - teacher) ** 2), rtol=1e-5)
+  # Sigmoid ramp-up over the first quarter of 100 steps, then 1.
+  for step, expected in ((0, np.exp(-5)), (12.5, np.exp(-5 * 0.25)), (25, 1.0), (80, 1.0)):
+    np.testing.assert_allclose(float(semi.ramp_up(jnp.float32(step), 100, 0.25)), expected,
+                               rtol=1e-6)
+  rows = jnp.arange(2 * (3 + 5))[:, None]  # 2 processes x [labelled 3; unlabelled 5]
+  labeled, unlabeled = semi.split_rows(rows, 6, 2, 2)
+  np.testing.assert_array_equal(np.asarray(labeled)[:, 0], [0, 1, 2, 8, 9, 10])
+  np.testing.assert_array_equal(semi.join_rows([labeled, unlabeled], 2), rows)
+
+
+def _seg_config(tmp_path, *overrides):
+  from medjax.data import synthetic
+  root = synthetic.write_segmentation_dataset(str(tmp_path / 'data'), num_cases=8, seed=0)
+  c = config_lib.load_config_file('configs/hippocampus_unet3d.py:runlocal')
+  return config_lib.apply_overrides(c, [
+      f'data.root={root}', f'data.cache_dir={tmp_path / "cache"}', 'data.max_cases=8',
+      'data.num_folds=4', 'data.labeled_count=2',
+      # 2D slices of the volumes: the same code path, compiled in a fraction of the time.
+      'data.slice_axis=0', 'data.patch_size=(16, 16)', *overrides])
+
+
+def test_mean_teacher_never_reads_the_labels_of_unlabelled_cases(tmp_path, monkeypatch):
+  """Corrupting the stored labels (and foreground locations) of the unlabelled training
+  cases changes nothing in training; corrupting a labelled case's does."""
+  from medjax.data import prepare
+  c = _seg_config(tmp_path, 'semi.method=mean_teacher')
+
+  def train(corrupt=()):
+    original = prepare.PreparedDataset.load
+
+    def load(self, case_id, mmap=True):
+      image, label, locations = original(self, case_id, mmap)
+      if case_id in corrupt:
+        label = (np.asarray(label) + 1) % 3
+        locations = {k: v[:1] for k, v in locations.items()}
+      return image, label, locations
+
+    monkeypatch.setattr(prepare.PreparedDataset, 'load', load)
+    exp = make_experiment(c)
+    state = exp.init_state()
+    losses = []
+    for _, (images, labels) in zip(range(4), exp.train_iterator(0)):
+      state, metrics = exp.train_step(state, images, labels)
+      losses.append(float(metrics['loss']))
+    return np.array(losses), jax.device_get(state.opt_state.ema), exp.data.splits
+
+  reference, teacher, split = train()
+  assert len(split['train']) == 2 and len(split['unlabeled']) == 4 and len(split['val']) == 2
+  assert np.all(np.isfinite(reference))
+  losses, corrupted_teacher, _ = train(corrupt=set(split['unlabeled']))
+  np.testing.assert_array_equal(losses, reference)
+  jax.tree.map(np.testing.assert_array_equal, corrupted_teacher, teacher)
+  losses, _, _ = train(corrupt={split['train'][0]})
+  assert not np.array_equal(losses, reference)
+
+
+def test_mean_teacher_run_resumes_exactly(tmp_path):
+  c = _seg_config(tmp_path, 'semi.method=mean_teacher')
+  full = str(tmp_path / 'full')
+  train_lib.train_and_evaluate(c, full)
+  resumed = str(tmp_path / 'resumed')
+  c.train.stop_after_steps = 4
+  assert train_lib.train_and_evaluate(c, resumed) == {'stopped_at_step': 4}
+  c.train.stop_after_steps = 0
+  train_lib.train_and_evaluate(c, resumed)
+
+  def records(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [{k: v for k, v in json.loads(line).items() if k != 'images_per_sec'}
+              for line in f]
+
+  assert records(resumed) == records(full)
+  with open(os.path.join(full, 'split.json')) as f:
+    assert len(json.load(f)['unlabeled']) == 4

@@ -113,6 +113,21 @@ def split_labeled(data: ClassificationData, cfg: ml_collections.ConfigDict,
                    labeled_index=index)
 
 
+def split_case_ids(case_ids, cfg: ml_collections.ConfigDict, seed: int
+                   ) -> Optional[Tuple[list, list]]:
+  """(labelled, unlabelled) training case ids of a segmentation run per ``cfg``
+  (``config.data``: ``labeled_count`` cases, else ``labeled_fraction`` of them), or None when
+  every case is labelled. A seeded choice (cases have no single class to stratify by)."""
+  case_ids = sorted(case_ids)
+  size = subset_size(cfg, len(case_ids))
+  if size == len(case_ids):
+    return None
+  index = random_subset(len(case_ids), size, seed if cfg.labeled_seed < 0
+                        else int(cfg.labeled_seed))
+  labeled = [case_ids[i] for i in index]
+  return labeled, [c for c in case_ids if c not in set(labeled)]
+
+
 def select_pseudo_labels(scores: np.ndarray, threshold: float,
                          class_prior: Optional[np.ndarray] = None
                          ) -> Tuple[np.ndarray, np.ndarray]:

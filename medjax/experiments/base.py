@@ -12,6 +12,9 @@ and implements:
 ==========================  ===============================================================
 ``loss(outputs, labels)``   the scalar training loss of a batch (pure, traced inside the
                             jit-compiled train step)
+``train_inputs(...)``       optional: model inputs and loss targets derived from a batch
+                            inside the step (e.g. a mean teacher's predictions)
+``optimizer()``             optional: wraps the configured optimizer
 ``train_iterator(start)``   ``(images, labels)`` numpy batches of this process from step
                             ``start`` on, deterministic from the seed
 ``evaluate(state, split)``  ``(metrics dict, predictions)`` of a split
@@ -90,7 +93,7 @@ class Experiment:
     self.total_steps = config.train.num_epochs * self.steps_per_epoch
     self.schedule = optim.make_schedule(config.optimizer, self.steps_per_epoch,
                                         self.total_steps)
-    self.tx = optim.make_optimizer(config.optimizer, self.schedule)
+    self.tx = self.optimizer()
 
     devices = np.array(jax.devices())
     for name, batch in (('train.batch_size', self.global_batch),
@@ -125,6 +128,17 @@ class Experiment:
 
   def describe(self) -> str:
     raise NotImplementedError
+
+  def optimizer(self) -> optax.GradientTransformation:
+    """The optimizer of ``config.optimizer`` (a task may wrap it, e.g. to keep an average
+    of the parameters)."""
+    return optim.make_optimizer(self.config.optimizer, self.schedule)
+
+  def train_inputs(self, state: TrainState, images, labels, key: jax.Array):
+    """What the model trains on and what ``loss`` compares it with, from a batch, inside
+    the compiled step and outside the gradient (a task may derive targets from the state,
+    e.g. a teacher's predictions). Default: the batch as it is."""
+    return images, labels
 
   def headline_metrics(self, metrics: Dict[str, Any]) -> list:
     """The keys of a split's ``metrics`` that the CLI, ``results.json`` and the reports
@@ -169,6 +183,8 @@ class Experiment:
   # ----- the train step ----------------------------------------------------------------
   def _train_step_impl(self, state: TrainState, images, labels):
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+    images, labels = self.train_inputs(state, images, labels,
+                                       jax.random.fold_in(dropout_key, 1))
 
     def loss_fn(params):
       variables = self.variables(state.replace(params=params))

@@ -105,6 +105,9 @@ class ClassificationExperiment(Experiment):
     print(f"Self-training: {len(index)} of {len(self.unlabeled)} unlabelled images "
           f"pseudo-labelled by {self.pseudo_info['teacher']} (per class "
           f"{self.pseudo_info['class_counts']})")
+    warning = semi.pseudo_label_warning(self.pseudo_info)
+    if warning:
+      print(f'warning: self-training: {warning}')
 
   @property
   def available_splits(self):

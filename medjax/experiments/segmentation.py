@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import inference, metrics as metrics_lib, seg_losses, seg_metrics
+from medjax import inference, metrics as metrics_lib, optim, seg_losses, seg_metrics, semi
 from medjax import workdir as workdir_lib
-from medjax.data import layouts, nifti, prepare
+from medjax.data import few_labels, layouts, nifti, prepare
 from medjax.data.sampling import SegAugment, SegmentationSampler
 from medjax.experiments.base import Experiment
 
@@ -123,6 +123,13 @@ class SegmentationExperiment(Experiment):
     cache = cfg.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'medjax')
     prepared = prepare.prepare(cfg.root, cache, prepare_options(cfg), cfg.max_cases)
     split = prepare.kfold_split(prepared.case_ids, cfg.num_folds, cfg.fold, cfg.split_seed)
+    epoch_cases = len(split['train'])
+    # Few labels: the labels of the other training cases are never read (their sampler gets
+    # all-zero label arrays), and split.json lists them as 'unlabeled'.
+    few = few_labels.split_case_ids(split['train'], cfg, config.seed)
+    if few is not None:
+      split = {'train': few[0], 'unlabeled': few[1], 'val': split['val']}
+    self.semi_method = semi.check_method(config.semi, 'segmentation', few is not None)
     class_names = list(cfg.class_names) or prepared.class_names
     if len(class_names) != len(prepared.class_names):
       raise ValueError(f'data.class_names has {len(class_names)} names but the labels have '
@@ -149,16 +156,61 @@ class SegmentationExperiment(Experiment):
         augment=SegAugment(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                               for k, v in cfg.seg_augment.to_dict().items()}),
         slice_axis=self.slice_axis, skip_empty_slices=cfg.skip_empty_slices)
-    steps = config.train.steps_per_epoch or math.ceil(len(split['train']) /
-                                                      config.train.batch_size)
+    if self.semi_method == 'mean_teacher':
+      unlabeled = {c: (self.cases[c][0], np.zeros(self.cases[c][0].shape[:-1],
+                                                   self.cases[c][1].dtype), {})
+                   for c in split['unlabeled']}
+      # Its own stream (seed + 2**31): patches anywhere, with the labelled run's augmentation.
+      self.unlabeled_sampler = SegmentationSampler(
+          unlabeled, self.patch_size, config.train.batch_size * config.semi.unlabeled_ratio,
+          seed=config.seed + 2**31, foreground_fraction=0.0, augment=self.sampler.augment,
+          slice_axis=self.slice_axis)
+    steps = config.train.steps_per_epoch or math.ceil(epoch_cases / config.train.batch_size)
     self.setup(num_outputs=self.num_classes, input_shape=self.patch_size + (channels,),
                steps_per_epoch=steps)
     self._predict = jax.jit(self._predict_impl)
 
   # ----- training ----------------------------------------------------------------------
+  def optimizer(self):
+    """The configured optimizer; with a mean teacher, also the parameters' moving average
+    (the teacher), kept in the optimizer state."""
+    tx = super().optimizer()
+    if self.semi_method == 'mean_teacher':
+      tx = optim.with_parameter_ema(tx, self.config.semi.ema_decay)
+    return tx
+
+  def train_inputs(self, state, images, labels, key):
+    """Mean teacher: the batch is ``[labelled; unlabelled]`` patches. The student sees the
+    unlabelled ones with one Gaussian noise, the teacher (the parameters' moving average)
+    with another; the teacher's probabilities become the consistency targets."""
+    if self.semi_method != 'mean_teacher':
+      return images, labels
+    cfg, processes = self.config.semi, jax.process_count()
+    labeled, unlabeled = semi.split_rows(images, labels.shape[0], 2, processes)
+    student_key, teacher_key = jax.random.split(key)
+    teacher_logits = self.model.apply(
+        self.variables(state.replace(params=state.opt_state.ema)),
+        semi.noisy(unlabeled, teacher_key, cfg.noise_std), train=False)
+    targets = {'labels': labels,
+               'teacher': jax.lax.stop_gradient(jax.nn.softmax(teacher_logits, axis=-1)),
+               'weight': cfg.weight * semi.ramp_up(state.step, self.total_steps,
+                                                   cfg.ramp_up_fraction)}
+    student_unlabeled = semi.noisy(unlabeled, student_key, cfg.noise_std)
+    return semi.join_rows([labeled, student_unlabeled], processes), targets
+
   def loss(self, outputs, labels) -> jax.Array:
     """Dice/CE-family loss of logits ``[B, *spatial, K]`` (or a list, deep supervision:
-    weights 1/2^i, normalised) against labels ``[B, *spatial]``."""
+    weights 1/2^i, normalised) against labels ``[B, *spatial]``; with a mean teacher, plus
+    the weighted consistency of the unlabelled rows with the teacher."""
+    if self.semi_method != 'mean_teacher':
+      return self._supervised_loss(outputs, labels)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    num_labeled, processes = labels['labels'].shape[0], jax.process_count()
+    parts = [semi.split_rows(o, num_labeled, 2, processes) for o in outputs]
+    supervised = self._supervised_loss([p[0] for p in parts], labels['labels'])
+    return supervised + labels['weight'] * semi.consistency_mse(parts[0][1], labels['teacher'])
+
+  def _supervised_loss(self, outputs, labels) -> jax.Array:
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     weights = np.array([1.0 / 2**i for i in range(len(outputs))])
     weights = weights / weights.sum()
@@ -184,8 +236,14 @@ class SegmentationExperiment(Experiment):
     return total
 
   def train_iterator(self, start_step: int):
-    return self.sampler.batches(start_step, self.total_steps, jax.process_index(),
-                                jax.process_count())
+    batches = self.sampler.batches(start_step, self.total_steps, jax.process_index(),
+                                   jax.process_count())
+    if self.semi_method != 'mean_teacher':
+      return batches
+    unlabeled = self.unlabeled_sampler.batches(start_step, self.total_steps,
+                                               jax.process_index(), jax.process_count())
+    # This process's rows: [labelled; unlabelled] (see semi.split_rows).
+    return ((np.concatenate([x, u]), y) for (x, y), (u, _) in zip(batches, unlabeled))
 
   # ----- inference ---------------------------------------------------------------------
   def _predict_impl(self, state, windows):
@@ -233,7 +291,11 @@ class SegmentationExperiment(Experiment):
     return image, record
 
   def describe(self) -> str:
-    return f'{self.data.summary()}, patch {self.patch_size}'
+    text = f'{self.data.summary()}, patch {self.patch_size}'
+    if 'unlabeled' in self.data.splits:
+      text += (f"; {len(self.data.splits['unlabeled'])} more training cases unlabelled "
+               f'(semi.method={self.semi_method})')
+    return text
 
   def headline_metrics(self, metrics: Dict) -> list:
     per_class = [f'{m}_{c}' for c in self.class_names for m in PER_CLASS_HEADLINE]
