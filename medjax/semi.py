@@ -45,7 +45,7 @@ and segmentation's unlabelled sampler reads images only (both tested).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -116,14 +116,30 @@ def split_outputs(outputs: jax.Array, num_labeled: int, process_count: int
   return labeled, weak, strong
 
 
+def align_distribution(probabilities: jax.Array, class_prior: jax.Array) -> jax.Array:
+  """Distribution alignment (Berthelot et al. 2020, ReMixMatch): ``p * prior / mean_u(p)``,
+  renormalised per row. ``probabilities`` ``[U, K]``; ``class_prior`` ``[K]`` (the labelled
+  class frequencies). The model's mean prediction is taken over this step's unlabelled
+  batch (ReMixMatch keeps a running mean of past batches; one batch of a few dozen images
+  estimates it well enough and keeps the step stateless). It lifts the classes the model
+  under-predicts, so a minority class still gets confident pseudo-labels."""
+  mean = jnp.mean(probabilities, axis=0)
+  aligned = probabilities * class_prior / jnp.maximum(mean, 1e-6)
+  return aligned / jnp.sum(aligned, axis=-1, keepdims=True)
+
+
 def consistency_loss(task: str, weak_logits: jax.Array, strong_logits: jax.Array,
                      threshold: float,
-                     per_example_loss: Callable[[jax.Array, jax.Array], jax.Array]
+                     per_example_loss: Callable[[jax.Array, jax.Array], jax.Array],
+                     class_prior: Optional[jax.Array] = None
                      ) -> Tuple[jax.Array, jax.Array]:
   """FixMatch's unlabelled loss: ``mean_u(1[max p_weak >= threshold] * l(strong, argmax
   p_weak))`` (averaged over all unlabelled images, as in the paper), and the fraction of
-  images above the threshold. ``p_weak`` is not differentiated."""
+  images above the threshold. ``p_weak`` is not differentiated; with ``class_prior``
+  ``[K]`` it is first distribution-aligned (:func:`align_distribution`)."""
   probabilities = jax.lax.stop_gradient(tasks.scores_from_logits(task, weak_logits))
+  if class_prior is not None:
+    probabilities = align_distribution(probabilities, class_prior)
   mask = (jnp.max(probabilities, axis=-1) >= threshold).astype(jnp.float32)
   pseudo = jnp.argmax(probabilities, axis=-1)
   losses = per_example_loss(strong_logits, pseudo)

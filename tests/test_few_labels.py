@@ -158,6 +158,18 @@ def test_fixmatch_loss_against_numpy():
   grad_weak = jax.grad(lambda w: semi.consistency_loss('multiclass', w, jnp.asarray(strong),
                                                        0.9, ce)[0])(jnp.asarray(weak))
   assert not np.any(np.asarray(grad_weak))
+  # Distribution alignment: p * prior / mean(p), renormalised, before the mask and arg-max.
+  prior = np.array([0.2, 0.3, 0.5])
+  aligned = p * prior / p.mean(0)
+  aligned /= aligned.sum(1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(semi.align_distribution(jnp.asarray(p), prior)),
+                             aligned, rtol=1e-5)
+  loss, mask_rate = semi.consistency_loss('multiclass', jnp.asarray(weak), jnp.asarray(strong),
+                                          0.9, ce, prior)
+  mask = aligned.max(1) >= 0.9
+  np.testing.assert_allclose(float(loss), (-log_q[np.arange(12), aligned.argmax(1)] *
+                                           mask).mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(mask_rate), mask.mean())
 
 
 def test_fixmatch_outputs_split_per_process_block():

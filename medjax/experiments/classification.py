@@ -159,9 +159,14 @@ class ClassificationExperiment(Experiment):
     labeled, weak, strong = semi.split_outputs(outputs, labels.shape[0],
                                                jax.process_count())
     per_example, weights = self._per_example_loss(labeled, labels)
+    prior = None
+    if self.config.semi.distribution_alignment:
+      counts = np.bincount(np.asarray(self.data.splits['train'][1]).reshape(-1),
+                           minlength=self.data.num_classes).astype(np.float32)
+      prior = counts / counts.sum()
     unlabeled_loss, _ = semi.consistency_loss(
         self.task, weak, strong, self.config.semi.threshold,
-        lambda logits, pseudo: self._per_example_loss(logits, pseudo)[0])
+        lambda logits, pseudo: self._per_example_loss(logits, pseudo)[0], prior)
     return losses.weighted_mean(per_example, weights) + self.config.semi.weight * unlabeled_loss
 
   def _eval_step_impl(self, state: TrainState, images, labels):
