@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import tasks
+from medjax import tasks, workdir as workdir_lib
 from medjax.data import few_labels
 
 CLASSIFICATION_METHODS = ('none', 'fixmatch', 'self_training')
@@ -160,14 +160,19 @@ def pseudo_labels(cfg: ml_collections.ConfigDict, seed: int, exp: Any,
   """The teacher's confident pseudo-labels of ``unlabeled`` ``[U, *spatial, C]``.
 
   ``exp`` is the student's experiment (its task, classes and input shape must be the
-  teacher's). Returns (indices into ``unlabeled``, labels, a description for the run's
-  data fingerprint).
+  teacher's); the teacher is rebuilt from its workdir's config.json as an experiment of
+  the same class and restored at its selected checkpoint. Returns (indices into
+  ``unlabeled``, labels, a description for the run's data fingerprint).
   """
-  from medjax import train  # train builds experiments; imported here, not at module load
   workdir = teacher_workdir(cfg.teacher, seed)
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     raise ValueError(f'semi.teacher {workdir}: no run there (config.json missing)')
-  teacher, state, step = train.restore_workdir(workdir)
+  teacher_config = workdir_lib.read_config(workdir)
+  if len(teacher_config.train.seeds):
+    raise ValueError(f'semi.teacher {workdir} holds several seeds; give one of its '
+                     'seed_<K> workdirs, or train this run with the same seeds')
+  teacher = type(exp)(teacher_config)
+  state, step = teacher.restore(workdir)
   if (teacher.task, teacher.num_outputs, teacher.input_shape) != (
       exp.task, exp.num_outputs, exp.input_shape):
     raise ValueError(f'semi.teacher {workdir} is a {teacher.task} model of '

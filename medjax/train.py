@@ -342,11 +342,8 @@ def restore_workdir(workdir: str, step: Optional[int] = None):
     raise ValueError(f'{workdir} holds several seeds (train.seeds {list(config.train.seeds)}); '
                      f'use one of its seed_<K> workdirs')
   exp = make_experiment(config)
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints,
-                                    config.train.selection_metric, config.train.selection_mode)
-  selected = workdir_lib.selected_step(manager, workdir, step)
-  state, _ = checkpoint.restore(manager, selected, exp.abstract_state())
-  return exp, state, int(selected)
+  state, selected = exp.restore(workdir, step)
+  return exp, state, selected
 
 
 def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = None,

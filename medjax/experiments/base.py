@@ -36,7 +36,7 @@ and registers itself with :func:`medjax.experiments.register_task`.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medjax import optim
+from medjax import checkpoint, optim, workdir as workdir_lib
 from medjax.models import build_model, summary as model_summary_lib
 
 
@@ -165,6 +165,16 @@ class Experiment:
     shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+
+  def restore(self, workdir: str, step: Optional[int] = None) -> Tuple[TrainState, int]:
+    """(state, step) of ``workdir``'s selected (best) checkpoint, or of ``step``; the
+    workdir must have been trained with this experiment's config."""
+    cfg = self.config.train
+    manager = checkpoint.make_manager(workdir, cfg.keep_checkpoints, cfg.selection_metric,
+                                      cfg.selection_mode)
+    selected = workdir_lib.selected_step(manager, workdir, step)
+    state, _ = checkpoint.restore(manager, selected, self.abstract_state())
+    return state, int(selected)
 
   def variables(self, state: TrainState) -> Dict[str, Any]:
     """The model's variables (params, batch statistics) in a state, for ``model.apply``."""
