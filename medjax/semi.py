@@ -167,11 +167,7 @@ def pseudo_labels(cfg: ml_collections.ConfigDict, seed: int, exp: Any,
   workdir = teacher_workdir(cfg.teacher, seed)
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     raise ValueError(f'semi.teacher {workdir}: no run there (config.json missing)')
-  teacher_config = workdir_lib.read_config(workdir)
-  if len(teacher_config.train.seeds):
-    raise ValueError(f'semi.teacher {workdir} holds several seeds; give one of its '
-                     'seed_<K> workdirs, or train this run with the same seeds')
-  teacher = type(exp)(teacher_config)
+  teacher = type(exp)(workdir_lib.read_single_run_config(workdir))
   state, step = teacher.restore(workdir)
   if (teacher.task, teacher.num_outputs, teacher.input_shape) != (
       exp.task, exp.num_outputs, exp.input_shape):

@@ -337,11 +337,7 @@ def finalize(exp: Experiment, manager, workdir: str,
 def restore_workdir(workdir: str, step: Optional[int] = None):
   """(experiment, state, step) of the selected (best) or given checkpoint of ``workdir``,
   built from the workdir's own config.json."""
-  config = workdir_lib.read_config(workdir)
-  if len(config.train.seeds):
-    raise ValueError(f'{workdir} holds several seeds (train.seeds {list(config.train.seeds)}); '
-                     f'use one of its seed_<K> workdirs')
-  exp = make_experiment(config)
+  exp = make_experiment(workdir_lib.read_single_run_config(workdir))
   state, selected = exp.restore(workdir, step)
   return exp, state, selected
 

@@ -187,6 +187,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                           'run of this workdir or from config_history.jsonl') from None
 
 
+def read_single_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """:func:`read_config` of a workdir that holds one trained model (not a seed group)."""
+  config = read_config(workdir)
+  if len(config.train.seeds):
+    raise ValueError(f'{workdir} holds several seeds (train.seeds {list(config.train.seeds)}); '
+                     f'use one of its seed_<K> workdirs')
+  return config
+
+
 class WorkdirLocked(ValueError):
   """Another ``medjax train`` holds the workdir."""
 

@@ -125,7 +125,8 @@ def split_case_ids(case_ids, cfg: ml_collections.ConfigDict, seed: int
   index = random_subset(len(case_ids), size, seed if cfg.labeled_seed < 0
                         else int(cfg.labeled_seed))
   labeled = [case_ids[i] for i in index]
-  return labeled, [c for c in case_ids if c not in set(labeled)]
+  chosen = set(labeled)
+  return labeled, [c for c in case_ids if c not in chosen]
 
 
 def select_pseudo_labels(scores: np.ndarray, threshold: float,
