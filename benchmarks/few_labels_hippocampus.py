@@ -1,0 +1,97 @@
+"""Few labels on MSD Hippocampus: a U-Net trained on N labelled volumes only, a mean teacher
+that also learns from the other training volumes' images, and all labels, on fold 0.
+
+  python benchmarks/few_labels_hippocampus.py --counts 10,20 --runs /tmp/few_labels
+
+Recipe: configs/hippocampus_unet3d.py:cpu (a 2D U-Net on sagittal slices, Adam) with
+``train.num_epochs`` (default 20 = 1000 steps, half the recipe, so the five runs fit an
+afternoon on 2 CPU cores); every run trains the same number of steps. The labelled volumes
+are a seeded choice among fold 0's 160 training cases (``data.labeled_count``); the mean
+teacher sees ``semi.unlabeled_ratio`` unlabelled slices per labelled one in every step.
+Validation: fold 0's 40 held-out volumes, whole, on their original grid. Finished runs (a
+results.json) are reused. Prints Dice / HD95 per class and the share of the gap between
+labelled-only and all labels that the mean teacher recovers, and writes
+benchmarks/results/few_labels_hippocampus.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_table import print_table, write_results  # noqa: E402
+
+from medjax import config as config_lib, train as train_lib  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'hippocampus_unet3d.py') + ':cpu'
+LABELS = {'none': 'labelled only', 'mean_teacher': 'mean teacher', 'all': 'all labels'}
+
+
+def run(workdir: str, overrides) -> dict:
+  """results.json of a run (trained unless it already finished)."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    config = config_lib.load_config_file(CONFIG)
+    config_lib.apply_overrides(config, ['train.progress_bar=False', *overrides])
+    train_lib.train_and_evaluate(config, workdir)
+  with open(path) as f:
+    return json.load(f)
+
+
+def row(count, method: str, results: dict) -> dict:
+  val = results['val']
+  return {'labelled_volumes': count, 'method': LABELS[method],
+          'dice_anterior': val['dice_Anterior'], 'dice_posterior': val['dice_Posterior'],
+          'dice': val['dice'], 'hd95_anterior_mm': val['hd95_Anterior'],
+          'hd95_posterior_mm': val['hd95_Posterior'],
+          'train_minutes': results['run_info']['wall_time_s'] / 60}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--counts', default='10,20')
+  parser.add_argument('--num_epochs', type=int, default=20)
+  parser.add_argument('--unlabeled_ratio', type=int, default=1)
+  parser.add_argument('--runs', default='/tmp/medjax_few_labels')
+  args = parser.parse_args()
+  counts = [int(c) for c in args.counts.split(',')]
+  root = os.path.join(args.runs, f'hippocampus_e{args.num_epochs}')
+  common = [f'train.num_epochs={args.num_epochs}']
+
+  rows = []
+  for count in counts:
+    labelled = [*common, f'data.labeled_count={count}']
+    rows.append(row(count, 'none', run(os.path.join(root, f'n{count}', 'none'), labelled)))
+    rows.append(row(count, 'mean_teacher', run(
+        os.path.join(root, f'n{count}', 'mean_teacher'),
+        [*labelled, 'semi.method=mean_teacher', f'semi.unlabeled_ratio={args.unlabeled_ratio}'])))
+  everything = row('all', 'all', run(os.path.join(root, 'all'), common))
+  rows.append(everything)
+  # Share of the labelled-only -> all-labels gap (mean foreground Dice) the method recovers.
+  for r in rows:
+    if r['method'] == LABELS['mean_teacher']:
+      base = next(b for b in rows if b['labelled_volumes'] == r['labelled_volumes']
+                  and b['method'] == LABELS['none'])
+      gap = everything['dice'] - base['dice']
+      r['dice_gap_recovered'] = (r['dice'] - base['dice']) / gap if gap > 0 else float('nan')
+
+  print(f'\nHippocampus fold 0 (40 validation volumes), {CONFIG}, '
+        f'{args.num_epochs * 50} steps per run')
+  print_table(rows, [('labelled_volumes', 'labelled', ''), ('method', 'method', ''),
+                     ('dice_anterior', 'Dice ant', '.4f'), ('dice_posterior', 'Dice post', '.4f'),
+                     ('hd95_anterior_mm', 'HD95 ant mm', '.2f'),
+                     ('hd95_posterior_mm', 'HD95 post mm', '.2f'),
+                     ('dice_gap_recovered', 'gap recovered', '.0%'),
+                     ('train_minutes', 'minutes', '.1f')])
+  write_results(os.path.join(REPO, 'benchmarks', 'results', 'few_labels_hippocampus.json'),
+                rows, config=CONFIG, num_epochs=args.num_epochs,
+                unlabeled_ratio=args.unlabeled_ratio)
+
+
+if __name__ == '__main__':
+  main()
