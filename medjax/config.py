@@ -151,6 +151,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.milestones_epochs = ()  # multistep: epochs at which lr *= decay_factor
   c.optimizer.decay_factor = 0.1
   c.optimizer.warmup_epochs = 0.0     # linear warm-up from 0, before any schedule
+  # > 0 (e.g. 0.999): also keep an exponential moving average of the parameters (decay per
+  # step) and validate, select, test, predict and explain with it (FixMatch's protocol).
+  c.optimizer.ema_decay = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 10

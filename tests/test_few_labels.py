@@ -320,6 +320,34 @@ def test_parameter_ema_against_numpy():
   assert int(state.count) == 29
 
 
+def test_evaluation_with_the_parameter_average(tmp_path, quickstart_run):
+  """optimizer.ema_decay: training is unchanged (the same losses as the quickstart run), and
+  the test predictions are those of the averaged parameters, not of the trained ones."""
+  config = config_lib.load_config_file('configs/quickstart.py:runlocal')
+  config_lib.apply_overrides(config, ['optimizer.ema_decay=0.9'])
+  workdir = str(tmp_path / 'ema')
+  train_lib.train_and_evaluate(config, workdir)
+
+  def train_losses(path):
+    with open(os.path.join(path, 'metrics.jsonl')) as f:
+      return [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
+  assert train_losses(workdir) == train_losses(quickstart_run)
+  exp, state, _ = train_lib.restore_workdir(workdir)
+  images, _ = exp.data.splits['test']
+  x = jnp.asarray(exp.preprocess(images))
+  assert exp.task == 'multiclass' and not jax.tree.leaves(state.batch_stats)
+  average = jax.nn.softmax(exp.model.apply({'params': state.opt_state.ema}, x, train=False))
+  trained = jax.nn.softmax(exp.model.apply({'params': state.params}, x, train=False))
+  stored = np.load(os.path.join(workdir, 'predictions_test.npz'))['scores']
+  np.testing.assert_allclose(stored, np.asarray(average), atol=1e-5)
+  assert np.abs(stored - np.asarray(trained)).max() > 1e-3
+  with pytest.raises(ValueError, match='set optimizer.ema_decay=0'):
+    seg = config_lib.load_config_file('configs/hippocampus_unet3d.py:runlocal')
+    config_lib.apply_overrides(seg, ['optimizer.ema_decay=0.9', 'semi.method=mean_teacher',
+                                     'data.labeled_count=2'])
+    make_experiment(seg)
+
+
 def test_consistency_pieces_against_numpy():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)

@@ -130,9 +130,12 @@ class Experiment:
     raise NotImplementedError
 
   def optimizer(self) -> optax.GradientTransformation:
-    """The optimizer of ``config.optimizer`` (a task may wrap it, e.g. to keep an average
-    of the parameters)."""
-    return optim.make_optimizer(self.config.optimizer, self.schedule)
+    """The optimizer of ``config.optimizer``, keeping the parameters' moving average in its
+    state when ``optimizer.ema_decay > 0`` (a task may wrap it further)."""
+    tx = optim.make_optimizer(self.config.optimizer, self.schedule)
+    if self.config.optimizer.ema_decay:
+      tx = optim.with_parameter_ema(tx, self.config.optimizer.ema_decay)
+    return tx
 
   def train_inputs(self, state: TrainState, images, labels, key: jax.Array):
     """What the model trains on and what ``loss`` compares it with, from a batch, inside
@@ -177,10 +180,18 @@ class Experiment:
     return state, int(selected)
 
   def variables(self, state: TrainState) -> Dict[str, Any]:
-    """The model's variables (params, batch statistics) in a state, for ``model.apply``."""
-    variables = {'params': state.params}
-    if jax.tree.leaves(state.batch_stats):
-      variables['batch_stats'] = state.batch_stats
+    """The variables of the model a state stands for, for ``model.apply`` in evaluation,
+    prediction and explanations: the parameters' moving average when
+    ``optimizer.ema_decay > 0`` (with the running batch statistics), else the parameters."""
+    params = state.opt_state.ema if self.config.optimizer.ema_decay else state.params
+    return self.apply_variables(params, state.batch_stats)
+
+  @staticmethod
+  def apply_variables(params, batch_stats) -> Dict[str, Any]:
+    """``model.apply``'s variables from parameters and batch statistics (none: omitted)."""
+    variables = {'params': params}
+    if jax.tree.leaves(batch_stats):
+      variables['batch_stats'] = batch_stats
     return variables
 
   def model_summary(self, state: TrainState) -> Dict[str, Any]:
@@ -197,7 +208,7 @@ class Experiment:
                                        jax.random.fold_in(dropout_key, 1))
 
     def loss_fn(params):
-      variables = self.variables(state.replace(params=params))
+      variables = self.apply_variables(params, state.batch_stats)
       has_bn = 'batch_stats' in variables
       outputs, updates = self.model.apply(
           variables, images, train=True, rngs={'dropout': dropout_key},

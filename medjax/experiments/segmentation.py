@@ -176,6 +176,10 @@ class SegmentationExperiment(Experiment):
     (the teacher), kept in the optimizer state."""
     tx = super().optimizer()
     if self.semi_method == 'mean_teacher':
+      if self.config.optimizer.ema_decay:
+        raise ValueError(
+            'semi.method=mean_teacher keeps its own average of the parameters (the teacher, '
+            'semi.ema_decay): set optimizer.ema_decay=0')
       tx = optim.with_parameter_ema(tx, self.config.semi.ema_decay)
     return tx
 
@@ -189,7 +193,7 @@ class SegmentationExperiment(Experiment):
     labeled, unlabeled = semi.split_rows(images, labels.shape[0], 2, processes)
     student_key, teacher_key = jax.random.split(key)
     teacher_logits = self.model.apply(
-        self.variables(state.replace(params=state.opt_state.ema)),
+        self.apply_variables(state.opt_state.ema, state.batch_stats),
         semi.noisy(unlabeled, teacher_key, cfg.noise_std), train=False)
     targets = {'labels': labels,
                'teacher': jax.lax.stop_gradient(jax.nn.softmax(teacher_logits, axis=-1)),
