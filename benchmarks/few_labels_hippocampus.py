@@ -74,6 +74,7 @@ def main() -> None:
   rows.append(everything)
   # Share of the labelled-only -> all-labels gap (mean foreground Dice) the method recovers.
   for r in rows:
+    r['dice_gap_recovered'] = ''
     if r['method'] == LABELS['mean_teacher']:
       base = next(b for b in rows if b['labelled_volumes'] == r['labelled_volumes']
                   and b['method'] == LABELS['none'])
