@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results_table import write_results  # noqa: E402
+from results_table import share_of_gap, write_results  # noqa: E402
 
 from medjax import config as config_lib, train as train_lib  # noqa: E402
 
@@ -99,10 +99,8 @@ def main() -> None:
     base = next((r for r in rows if r['fraction'] == row['fraction'] and r['method'] == 'none'),
                 None)
     if base is not None and row['method'] not in ('none', 'all'):
-      gap = all_auc['mean'] - base['auc']['mean']
-      # No gap to close (labelled-only already matches all labels): no share to report.
-      row['auc_gap_recovered'] = ((row['auc']['mean'] - base['auc']['mean']) / gap
-                                  if gap > 0 else None)
+      row['auc_gap_recovered'] = share_of_gap(row['auc']['mean'], base['auc']['mean'],
+                                              all_auc['mean'])
 
   print(f"\n{args.dataset}: test AUC / ACC, mean ± sd over seeds {seeds} "
         '(configs/few_labels.py)')

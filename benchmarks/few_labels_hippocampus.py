@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results_table import print_table, write_results  # noqa: E402
+from results_table import print_table, share_of_gap, write_results  # noqa: E402
 
 from medjax import config as config_lib, train as train_lib  # noqa: E402
 
@@ -62,6 +62,7 @@ def main() -> None:
   counts = [int(c) for c in args.counts.split(',')]
   root = os.path.join(args.runs, f'hippocampus_e{args.num_epochs}')
   common = [f'train.num_epochs={args.num_epochs}']
+  steps = args.num_epochs * config_lib.load_config_file(CONFIG).train.steps_per_epoch
 
   rows = []
   for count in counts:
@@ -78,11 +79,11 @@ def main() -> None:
     if r['method'] == LABELS['mean_teacher']:
       base = next(b for b in rows if b['labelled_volumes'] == r['labelled_volumes']
                   and b['method'] == LABELS['none'])
-      gap = everything['dice'] - base['dice']
-      r['dice_gap_recovered'] = (r['dice'] - base['dice']) / gap if gap > 0 else float('nan')
+      share = share_of_gap(r['dice'], base['dice'], everything['dice'])
+      r['dice_gap_recovered'] = float('nan') if share is None else share
 
   print(f'\nHippocampus fold 0 (40 validation volumes), {CONFIG}, '
-        f'{args.num_epochs * 50} steps per run')
+        f'{steps} steps per run')
   print_table(rows, [('labelled_volumes', 'labelled', ''), ('method', 'method', ''),
                      ('dice_anterior', 'Dice ant', '.4f'), ('dice_posterior', 'Dice post', '.4f'),
                      ('hd95_anterior_mm', 'HD95 ant mm', '.2f'),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 
@@ -27,6 +27,13 @@ def seconds_per_step(step, state, *args, steps: int, warmup: int = 1) -> float:
     state, out = step(state, *args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / steps
+
+
+def share_of_gap(value: float, base: float, ceiling: float) -> Optional[float]:
+  """Share of the gap from ``base`` up to ``ceiling`` that ``value`` closes (negative: below
+  ``base``); None when there is no gap (``base`` already at or above ``ceiling``)."""
+  gap = ceiling - base
+  return (value - base) / gap if gap > 0 else None
 
 
 def print_table(rows: List[Dict], columns: Sequence[Column]) -> None:
