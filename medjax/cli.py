@@ -72,11 +72,19 @@ def _parser() -> argparse.ArgumentParser:
   multihost.add_argument('--coordinator_address', default=None, help='host:port of process 0')
   multihost.add_argument('--num_processes', type=int, default=None)
   multihost.add_argument('--process_id', type=int, default=None)
-  evaluate = sub.add_parser('evaluate', help='re-evaluate the selected checkpoint of a workdir')
-  evaluate.add_argument('--workdir', required=True)
+  evaluate = sub.add_parser('evaluate', help='re-evaluate the selected checkpoint of a workdir, '
+                            'or the ensemble of several segmentation workdirs')
+  evaluate.add_argument('--workdir', required=True, action='append',
+                        help='a workdir; given several times, the mean of their probabilities '
+                             '(segmentation, same data and split) is scored')
   evaluate.add_argument('--split', default='test', choices=['train', 'val', 'test'])
   evaluate.add_argument('--step', type=int, default=None,
                         help='checkpoint step (default: the selected best one)')
+  evaluate.add_argument('--mirror_axes', default=None, metavar='AXES',
+                        help='segmentation: test-time mirroring over these axes of the '
+                             "network's input, e.g. 0,1 (default: the workdir's config)")
+  evaluate.add_argument('--output', default=None,
+                        help='ensembles: folder for eval_<split>.json and the label maps')
   data = sub.add_parser('data', help='dataset tools')
   data_sub = data.add_subparsers(dest='data_command', required=True)
   check = data_sub.add_parser('check', help='validate every case of a dataset and print its '
@@ -184,7 +192,20 @@ def _run(args, overrides: List[str]) -> int:
   from medjax import train as train_lib
   if args.command == 'evaluate':
     # The metrics are printed before anything is written: a read-only workdir loses nothing.
-    train_lib.evaluate_workdir(args.workdir, args.split, args.step, on_result=_print_evaluation)
+    mirror = (None if args.mirror_axes is None else
+              tuple(int(a) for a in args.mirror_axes.split(',') if a.strip()))
+    if len(args.workdir) > 1:
+      if args.step is not None:
+        raise ValueError('--step applies to one workdir; an ensemble uses '
+                         "each workdir's selected checkpoint")
+      train_lib.evaluate_ensemble(args.workdir, args.split, mirror, args.output,
+                                  on_result=_print_evaluation)
+      return 0
+    if args.output:
+      raise ValueError('--output is for ensembles (several --workdir); one '
+                       'workdir is evaluated into itself')
+    train_lib.evaluate_workdir(args.workdir[0], args.split, args.step,
+                               on_result=_print_evaluation, mirror_axes=mirror)
     return 0
   try:
     results = train_lib.train_and_evaluate(config, args.workdir, args.allow_change)
@@ -197,7 +218,8 @@ def _run(args, overrides: List[str]) -> int:
 
 
 def _print_evaluation(result) -> None:
-  print(json.dumps({'split': result['split'], 'step': result['step'],
+  print(json.dumps({'split': result['split'],
+                    **{k: result[k] for k in ('step', 'steps', 'mirror_axes') if k in result},
                     **{k: v for k, v in result['metrics'].items()
                        if k != 'confusion_matrix'}}, indent=2), flush=True)
 

@@ -342,20 +342,74 @@ def restore_workdir(workdir: str, step: Optional[int] = None):
   return exp, state, selected
 
 
+def _set_mirror_axes(exp: Experiment, mirror_axes: Optional[Sequence[int]]) -> None:
+  """Test-time mirroring for this evaluation only (``inference.mirror_axes``: the spatial axes
+  of the network's input, i.e. of the slice for a 2D model on volumes)."""
+  if mirror_axes is None:
+    return
+  if exp.task != 'segmentation':
+    raise ValueError('mirror_axes applies to segmentation workdirs only')
+  exp.config.inference.mirror_axes = tuple(int(a) for a in mirror_axes)
+
+
 def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = None,
-                     write: bool = True, on_result=None) -> Dict[str, Any]:
+                     write: bool = True, on_result=None,
+                     mirror_axes: Optional[Sequence[int]] = None) -> Dict[str, Any]:
   """Reloads the config and the selected (or given) checkpoint of ``workdir`` and scores
-  ``split``; the numbers equal those in ``results.json`` for the same checkpoint.
-  ``on_result(result)`` sees the result before anything is written."""
+  ``split``; the numbers equal those in ``results.json`` for the same checkpoint (unless
+  ``mirror_axes`` asks for test-time mirroring). ``on_result(result)`` sees the result
+  before anything is written."""
   exp, state, selected = restore_workdir(workdir, step)
   if split not in exp.available_splits:
     raise ValueError(f"unknown split '{split}'; expected one of {sorted(exp.available_splits)}")
+  _set_mirror_axes(exp, mirror_axes)
   split_metrics, predictions = exp.evaluate(state, split)
   result = {'split': split, 'step': selected, 'metrics': split_metrics}
+  if mirror_axes is not None:
+    result['mirror_axes'] = list(exp.config.inference.mirror_axes)
   if on_result is not None:
     on_result(result)
   if write:
     workdir_lib.write_json(os.path.join(workdir, f'eval_{split}.json'), result)
     exp.save_predictions(workdir, split, predictions)
     plots.write_plots_safely(workdir, (split,))
+  return result
+
+
+def evaluate_ensemble(workdirs: Sequence[str], split: str = 'val',
+                      mirror_axes: Optional[Sequence[int]] = None,
+                      output: Optional[str] = None, on_result=None) -> Dict[str, Any]:
+  """Scores the mean class probabilities of several segmentation workdirs' selected
+  checkpoints (e.g. 2D U-Nets on different slice axes) on ``split`` of the first workdir,
+  case by case on the original grid, as :func:`evaluate_workdir` scores one. The workdirs
+  must share the data preparation and the split (no member may have trained on a case it is
+  scored on). ``output``: a folder for ``eval_<split>.json`` and the label maps; the
+  members' workdirs are only read."""
+  from medjax.experiments.segmentation import ensemble_predictor
+  if not workdirs:
+    raise ValueError('evaluate_ensemble needs at least one workdir')
+  members = [restore_workdir(w) for w in workdirs]
+  first = members[0][0]
+  for workdir, (exp, _, _) in zip(workdirs, members):
+    if exp.task != 'segmentation':
+      raise ValueError(f'{workdir}: an ensemble is of segmentation workdirs (classifiers: '
+                       f'train.seeds writes the seed ensemble), not {exp.task}')
+    if exp.data.splits != first.data.splits:
+      raise ValueError(f'{workdir}: its split differs from {workdirs[0]}\'s (another fold or '
+                       'data.split_seed); its members would be scored on cases they trained on')
+    _set_mirror_axes(exp, mirror_axes)
+  if split not in first.available_splits:
+    raise ValueError(f"unknown split '{split}'; expected one of "
+                     f'{sorted(first.available_splits)}')
+  predict_probs = ensemble_predictor([(exp, state) for exp, state, _ in members])
+  split_metrics, predictions = first.score_split(split, predict_probs)
+  result = {'split': split, 'workdirs': list(workdirs),
+            'steps': [int(step) for _, _, step in members],
+            'mirror_axes': list(first.config.inference.mirror_axes), 'metrics': split_metrics}
+  if on_result is not None:
+    on_result(result)
+  if output:
+    os.makedirs(output, exist_ok=True)
+    workdir_lib.write_json(os.path.join(output, f'eval_{split}.json'), result)
+    first.save_predictions(output, split, predictions)
   return result

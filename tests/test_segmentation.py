@@ -138,7 +138,7 @@ def test_segmentation_config_errors(tmp_path):
     train_lib.make_experiment(_config(str(tmp_path), **{'data.target_spacing': 'fine'}))
 
 
-def test_2d_slices_of_volumes_train_and_segment_whole_volumes(tmp_path):
+def test_2d_slices_of_volumes_train_and_segment_whole_volumes(seg_run, tmp_path):
   config = _config(str(tmp_path / 'cache'), **{'data.slice_axis': 0,
                                                  'data.patch_size': (16, 16),
                                                  'data.skip_empty_slices': True})
@@ -150,6 +150,43 @@ def test_2d_slices_of_volumes_train_and_segment_whole_volumes(tmp_path):
     assert pred.shape == label.shape  # every slice predicted, whole volume reassembled
     np.testing.assert_allclose(pred.affine, label.affine, atol=1e-6)
   assert 0.0 <= results['val']['dice'] <= 1.0
+
+  # The 2D model and seg_run's 3D one as an ensemble: the mean of their probabilities,
+  # scored on the original grid against the label files by NumPy.
+  workdir_3d = seg_run[0]
+  workdirs = [workdir_3d, str(tmp_path / 'run')]
+  ensemble = train_lib.evaluate_ensemble(workdirs, 'val', output=str(tmp_path / 'ens'))
+  members = [train_lib.restore_workdir(w)[:2] for w in workdirs]
+  exp = members[0][0]
+  for case_id in split['val']:
+    image = exp.cases[case_id][0]
+    probs = sum(e.predict_prepared(s, image) for e, s in members) / 2
+    expected = exp.label_map(case_id, probs)
+    written = nib.load(tmp_path / 'ens' / 'predictions_val' / f'{case_id}.nii.gz')
+    label = nib.load(shared_file('msd_hippocampus', 'labelsTr', f'{case_id}.nii.gz'))
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+    np.testing.assert_allclose(written.affine, label.affine, atol=1e-6)
+    r = np.asarray(label.dataobj)
+    for k, name in ((1, 'Anterior'), (2, 'Posterior')):
+      denominator = np.sum(expected == k) + np.sum(r == k)
+      dice = 2 * np.sum((expected == k) & (r == k)) / denominator
+      assert ensemble['metrics']['per_case'][case_id][name]['dice'] == pytest.approx(dice)
+  assert json.load(open(tmp_path / 'ens' / 'eval_val.json'))['metrics']['dice'] == \
+      pytest.approx(ensemble['metrics']['dice'])
+  # One member is that member's own evaluation.
+  alone = train_lib.evaluate_ensemble([workdir_3d], 'val')
+  assert alone['metrics']['per_case'] == seg_run[2]['val']['per_case']
+  # A member from another fold trained on cases the ensemble would be scored on.
+  other_fold = tmp_path / 'fold1'
+  shutil.copytree(workdir_3d, other_fold)
+  cfg = json.load(open(other_fold / 'config.json'))
+  cfg['data']['fold'] = 1
+  json.dump(cfg, open(other_fold / 'config.json', 'w'))
+  with pytest.raises(ValueError, match='its split differs'):
+    train_lib.evaluate_ensemble([workdir_3d, str(other_fold)], 'val')
+  from medjax import cli
+  assert cli.main(['evaluate', '--workdir', workdir_3d, '--output', str(tmp_path / 'x')]) == 2
+  assert not os.path.exists(tmp_path / 'x')
 
 
 def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -278,8 +278,11 @@ class SegmentationExperiment(Experiment):
 
   def predict_case(self, state, case_id: str) -> np.ndarray:
     """Label map of a prepared case, on the original file's grid."""
-    image, _, _ = self.cases[case_id]
-    probs = self.predict_prepared(state, image)
+    return self.label_map(case_id, self.predict_prepared(state, self.cases[case_id][0]))
+
+  def label_map(self, case_id: str, probs: np.ndarray) -> np.ndarray:
+    """The argmax of class probabilities ``[*spatial, K]`` on a case's prepared grid, put
+    back onto its original file's grid."""
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
     return prepare.restore_original_grid(labels, self.data.prepared.records[case_id])
 
@@ -307,10 +310,17 @@ class SegmentationExperiment(Experiment):
 
   def evaluate(self, state, split: str) -> Tuple[Dict, Dict[str, np.ndarray]]:
     """Scores every case of ``split`` on its original grid, against its original label."""
+    return self.score_split(split, lambda image: self.predict_prepared(state, image))
+
+  def score_split(self, split: str, predict_probs: Callable[[np.ndarray], np.ndarray]
+                  ) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    """:meth:`evaluate` with any predictor: ``predict_probs`` maps a prepared image
+    ``[*spatial, C]`` to class probabilities ``[*spatial, K]`` (one model's, or the mean of
+    an ensemble's, :func:`ensemble_predictor`). Returns (metrics, label maps by case)."""
     per_case, predictions = {}, {}
     for case_id in self.data.splits[split]:
       record = self.data.prepared.records[case_id]
-      prediction = self.predict_case(state, case_id)
+      prediction = self.label_map(case_id, predict_probs(self.cases[case_id][0]))
       ref_array, spacing = layouts.read_array(record['label'], 'label', self.num_classes,
                                               self.label_values)
       per_case[case_id] = seg_metrics.segmentation_metrics(prediction, ref_array,
@@ -342,6 +352,34 @@ class SegmentationExperiment(Experiment):
                    prepared.options, 'summary': prepared.fingerprint,
                    'split': {k: len(v) for k, v in self.data.splits.items()}}
     return {'split.json': self.data.splits, 'data_fingerprint.json': fingerprint}
+
+
+def ensemble_predictor(members: Sequence[Tuple[SegmentationExperiment, Any]]
+                       ) -> Callable[[np.ndarray], np.ndarray]:
+  """The mean class probabilities ``[*spatial, K]`` of several trained segmenters
+  ``[(experiment, state), ...]`` for a prepared image ``[*spatial, C]``: e.g. 2D U-Nets on
+  different slice axes, or seeds. The members must have prepared the same cases the same way
+  (same preparation options, case ids and classes), or their probabilities would not lie on
+  one grid; a mismatch is a ValueError that names the difference."""
+  if not members:
+    raise ValueError('an ensemble needs at least one member')
+  first = members[0][0]
+  for exp, _ in members[1:]:
+    for what, get in (('preparation options', lambda e: e.data.prepared.options),
+                      ('case ids', lambda e: e.data.prepared.case_ids),
+                      ('class names', lambda e: list(e.class_names))):
+      if get(exp) != get(first):
+        raise ValueError(f'ensemble members differ in their {what}: {get(first)} vs '
+                         f'{get(exp)}')
+
+  def predict_probs(image: np.ndarray) -> np.ndarray:
+    total = None
+    for exp, state in members:
+      probs = exp.predict_prepared(state, image)
+      total = probs if total is None else total + probs
+    return total / len(members)
+
+  return predict_probs
 
 
 def summarize(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> Dict:
