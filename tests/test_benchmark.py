@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from conftest import fake_medmnist
 from medjax import benchmark, cli
@@ -27,7 +28,16 @@ def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys
   row = json.load(open(out / 'benchmark.json'))['rows'][0]
   assert row['test_auc_mean'] == np.mean(auc) and row['test_auc_sd'] == np.std(auc, ddof=1)
   assert row['test_acc_sd'] == np.std(acc, ddof=1)
+  # The seed ensemble: sklearn's AUC of the mean of the two runs' test probabilities.
+  from sklearn.metrics import roc_auc_score
+  preds = [np.load(out / 'breastmnist' / 'breastmnist_runlocal' / f'seed_{s}' /
+                   'predictions_test.npz') for s in (0, 1)]
+  mean_scores = (preds[0]['scores'] + preds[1]['scores']) / 2
+  labels = preds[0]['labels'].reshape(-1)
+  assert row['ensemble_auc'] == pytest.approx(roc_auc_score(labels, mean_scores[:, 1]))
+  assert row['ensemble_acc'] == pytest.approx(np.mean((mean_scores[:, 1] > 0.5) == labels))
   line = [x for x in printed.splitlines() if x.startswith('| breastmnist')][0]
+  assert f"{row['ensemble_auc']:.3f} / {row['ensemble_acc']:.3f}" in line
   assert f'{np.mean(auc):.3f} ± {np.std(auc, ddof=1):.3f}' in line
   assert '0.901 / 0.863' in line and '0.876 / 0.840' in line and '0.919 / 0.863' in line
   assert open(out / 'benchmark.md').read().strip() in printed

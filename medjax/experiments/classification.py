@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import ml_collections
@@ -51,6 +51,23 @@ def save_predictions(workdir: str, split: str, predictions: Dict[str, np.ndarray
   np.savez(os.path.join(workdir, f'predictions_{split}.npz'), index=predictions['index'],
            labels=predictions['labels'], scores=predictions['scores'],
            class_names=np.array(class_names))
+
+
+def ensemble_predictions(workdirs: Sequence[str], split: str, task: str
+                         ) -> tuple[Dict[str, Any], Dict]:
+  """Metrics and predictions (index, labels, scores ``[N, K]``) of the mean of several
+  classification runs' probabilities on ``split``, read from their
+  ``predictions_<split>.npz``; runs that scored different examples are refused."""
+  runs = []
+  for workdir in workdirs:
+    with np.load(os.path.join(workdir, f'predictions_{split}.npz')) as f:
+      runs.append({k: f[k] for k in ('index', 'labels', 'scores')})
+  for run in runs[1:]:
+    if not np.array_equal(run['labels'], runs[0]['labels']):
+      raise ValueError(f'{workdirs}: the runs scored different {split} examples')
+  scores = np.mean([run['scores'] for run in runs], axis=0)
+  result = metrics_lib.classification_metrics(task, runs[0]['labels'], scores)
+  return result, {'index': runs[0]['index'], 'labels': runs[0]['labels'], 'scores': scores}
 
 
 class ClassificationExperiment(Experiment):
@@ -235,13 +252,4 @@ class ClassificationExperiment(Experiment):
   def ensemble(self, workdirs, split: str) -> tuple[Dict[str, Any], Dict]:
     """Metrics and predictions of the mean of several runs' probabilities on ``split``
     (their ``predictions_<split>.npz``: the seed ensemble of :mod:`medjax.seeds`)."""
-    runs = []
-    for workdir in workdirs:
-      with np.load(os.path.join(workdir, f'predictions_{split}.npz')) as f:
-        runs.append({k: f[k] for k in ('index', 'labels', 'scores')})
-    for run in runs[1:]:
-      if not np.array_equal(run['labels'], runs[0]['labels']):
-        raise ValueError(f'{workdirs}: the runs scored different {split} examples')
-    scores = np.mean([run['scores'] for run in runs], axis=0)
-    result = metrics_lib.classification_metrics(self.task, runs[0]['labels'], scores)
-    return result, {'index': runs[0]['index'], 'labels': runs[0]['labels'], 'scores': scores}
+    return ensemble_predictions(workdirs, split, self.task)
