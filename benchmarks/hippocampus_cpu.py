@@ -31,7 +31,7 @@ from medjax.experiments.segmentation import ensemble_predictor  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'hippocampus_unet3d.py') + ':cpu'
 # nnU-Net 3d_fullres, Task04 Hippocampus, 5-fold cross-validation (Isensee et al. 2021).
-NNUNET = {'dice_anterior': 0.8975, 'dice_posterior': 0.8807}
+NNUNET = {'mirror_axes': '0,1,2', 'dice_anterior': 0.8975, 'dice_posterior': 0.8807}
 # Prepared volumes are at most 43 x 59 x 47 voxels (median 35 x 50 x 36): one window per
 # slice, a multiple of the U-Net's total stride 8.
 SLICE_PATCH = {0: (56, 40), 1: (40, 40), 2: (40, 56)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +22,8 @@ from scipy import ndimage
 
 from medjax import plots, tasks
 from medjax.data import layouts, nifti, prepare
-from medjax.experiments.segmentation import SegmentationExperiment, total_stride
+from medjax.experiments.segmentation import (SegmentationExperiment, ensemble_predictor,
+                                             total_stride)
 from medjax.explain import (METHODS, attribution_map, check_layer, class_target, grad_cam,
                             integrated_gradients, normalize_maps, region_target, saliency,
                             trace_layers, final_output)
@@ -39,23 +40,36 @@ def segment_file(exp: SegmentationExperiment, state, path: str
   return image, record, labels
 
 
-def predict_files(workdir: str, input_path: str, output_dir: str, step=None) -> list:
+def predict_files(workdirs: Union[str, Sequence[str]], input_path: str, output_dir: str,
+                  step: Optional[int] = None) -> list:
   """Label maps for new scans, as NIfTI with exactly each input's affine, shape and axes.
 
   Each input is prepared as the training cases were (reorientation, resampling, crop,
   normalisation), predicted by sliding window with the selected (or given) checkpoint, and
-  mapped back onto its own grid.
+  mapped back onto its own grid. Several workdirs: the argmax of the mean of their
+  probabilities (an ensemble, e.g. 2D U-Nets on different slice axes; they must share the
+  data preparation), each with its selected checkpoint.
   """
+  workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+  if step is not None and len(workdirs) > 1:
+    raise ValueError("--step applies to one workdir; an ensemble uses each workdir's "
+                     'selected checkpoint')
   inputs = layouts.list_files(input_path, layouts.NIFTI_SUFFIXES)
-  exp, state, _ = restore_workdir(workdir, step)
-  if exp.task != 'segmentation':
-    raise ValueError(f'{workdir} holds a {exp.task} model; predict writes segmentations')
-  if exp.data.prepared.spatial_dims != 3:
-    raise ValueError('predict writes NIfTI and needs a model trained on NIfTI volumes')
+  members = []
+  for workdir in workdirs:
+    exp, state, _ = restore_workdir(workdir, step)
+    if exp.task != 'segmentation':
+      raise ValueError(f'{workdir} holds a {exp.task} model; predict writes segmentations')
+    if exp.data.prepared.spatial_dims != 3:
+      raise ValueError('predict writes NIfTI and needs a model trained on NIfTI volumes')
+    members.append((exp, state))
+  predict_probs = ensemble_predictor(members)
+  exp = members[0][0]
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for path in inputs:
-    _, record, labels = segment_file(exp, state, path)
+    image, record = exp.prepare_file(path)
+    labels = np.argmax(predict_probs(image), axis=-1).astype(np.uint8)
     labels = prepare.restore_original_grid(labels, record)
     name = layouts.strip_suffix(os.path.basename(path)) + '.nii.gz'
     target = os.path.join(output_dir, name)

@@ -94,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
   check.add_argument('--max_cases', type=int, default=0, help='check only the first N cases')
   predict = sub.add_parser('predict', help='segment new scans with a trained workdir; writes '
                            'NIfTI label maps with each input\'s affine')
-  predict.add_argument('--workdir', required=True)
+  predict.add_argument('--workdir', required=True, action='append',
+                       help='a workdir; given several times, the mean of their probabilities '
+                            '(an ensemble sharing the data preparation)')
   predict.add_argument('--input', required=True, help='a NIfTI file or a folder of them')
   predict.add_argument('--output', required=True, help='folder for the label maps')
   predict.add_argument('--step', type=int, default=None)

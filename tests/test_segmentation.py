@@ -187,6 +187,18 @@ def test_2d_slices_of_volumes_train_and_segment_whole_volumes(seg_run, tmp_path)
   from medjax import cli
   assert cli.main(['evaluate', '--workdir', workdir_3d, '--output', str(tmp_path / 'x')]) == 2
   assert not os.path.exists(tmp_path / 'x')
+  # `medjax predict` with both workdirs: the ensemble's label maps, from the scans' files.
+  images = tmp_path / 'images'
+  images.mkdir()
+  for case_id in split['val']:
+    shutil.copy(shared_file('msd_hippocampus', 'imagesTr', f'{case_id}.nii.gz'), images)
+  assert cli.main(['predict', '--workdir', workdirs[0], '--workdir', workdirs[1], '--input',
+                   str(images), '--output', str(tmp_path / 'pred')]) == 0
+  for case_id in split['val']:
+    predicted = nib.load(tmp_path / 'pred' / f'{case_id}.nii.gz')
+    written = nib.load(tmp_path / 'ens' / 'predictions_val' / f'{case_id}.nii.gz')
+    np.testing.assert_array_equal(np.asarray(predicted.dataobj), np.asarray(written.dataobj))
+    np.testing.assert_allclose(predicted.affine, written.affine, atol=1e-6)
 
 
 def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):
