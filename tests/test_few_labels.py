@@ -341,10 +341,14 @@ def test_evaluation_with_the_parameter_average(tmp_path, quickstart_run):
   stored = np.load(os.path.join(workdir, 'predictions_test.npz'))['scores']
   np.testing.assert_allclose(stored, np.asarray(average), atol=1e-5)
   assert np.abs(stored - np.asarray(trained)).max() > 1e-3
+  # Synthetic volumes: the refusal is checked without ../shared too.
+  from medjax.data import synthetic
+  root = synthetic.write_segmentation_dataset(str(tmp_path / 'seg'), num_cases=6, seed=0)
+  seg = config_lib.load_config_file('configs/hippocampus_unet3d.py:runlocal')
+  config_lib.apply_overrides(seg, [f'data.root={root}', f'data.cache_dir={tmp_path / "cache"}',
+                                   'optimizer.ema_decay=0.9', 'semi.method=mean_teacher',
+                                   'data.labeled_count=2'])
   with pytest.raises(ValueError, match='set optimizer.ema_decay=0'):
-    seg = config_lib.load_config_file('configs/hippocampus_unet3d.py:runlocal')
-    config_lib.apply_overrides(seg, ['optimizer.ema_decay=0.9', 'semi.method=mean_teacher',
-                                     'data.labeled_count=2'])
     make_experiment(seg)
 
 
