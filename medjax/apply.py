@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,13 +30,15 @@ from medjax.explain import (METHODS, attribution_map, check_layer, class_target,
 from medjax.train import restore_workdir
 
 
-def segment_file(exp: SegmentationExperiment, state, path: str
-                 ) -> Tuple[np.ndarray, Dict, np.ndarray]:
-  """A scan prepared as the training cases were and segmented by sliding window:
+def segment_file(exp: SegmentationExperiment, predict_probs: Callable[[np.ndarray], np.ndarray],
+                 path: str) -> Tuple[np.ndarray, Dict, np.ndarray]:
+  """A scan prepared as ``exp``'s training cases were and segmented by ``predict_probs``
+  (prepared image -> class probabilities: one model's sliding window, or an ensemble's,
+  :func:`medjax.experiments.segmentation.ensemble_predictor`):
   ``(prepared image [*spatial, C], its record, label map [*spatial] on the prepared grid)``;
   ``prepare.restore_original_grid(labels, record)`` puts the labels on the file's grid."""
   image, record = exp.prepare_file(path)
-  labels = np.argmax(exp.predict_prepared(state, image), axis=-1).astype(np.uint8)
+  labels = np.argmax(predict_probs(image), axis=-1).astype(np.uint8)
   return image, record, labels
 
 
@@ -68,8 +70,7 @@ def predict_files(workdirs: Union[str, Sequence[str]], input_path: str, output_d
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for path in inputs:
-    image, record = exp.prepare_file(path)
-    labels = np.argmax(predict_probs(image), axis=-1).astype(np.uint8)
+    _, record, labels = segment_file(exp, predict_probs, path)
     labels = prepare.restore_original_grid(labels, record)
     name = layouts.strip_suffix(os.path.basename(path)) + '.nii.gz'
     target = os.path.join(output_dir, name)
@@ -272,7 +273,8 @@ def segmentation_grad_cam(exp, variables, image: np.ndarray, labels: np.ndarray,
 def _explain_segmentation_file(exp, state, path: str, output_dir: str, layer: str,
                                target_class: Optional[int]) -> Dict:
   prepared = exp.data.prepared
-  image, record, labels = segment_file(exp, state, path)
+  image, record, labels = segment_file(
+      exp, lambda prepared_image: exp.predict_prepared(state, prepared_image), path)
   classes = range(1, exp.num_classes) if target_class is None else [target_class]
   names = [str(n) for n in exp.data.class_names]
   stem = layouts.strip_suffix(os.path.basename(path))

@@ -67,10 +67,11 @@ def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
   from medjax import train as train_lib
   rows = []
   for dataset in datasets:
-    runs = []
+    runs, run_dirs = [], []
     for seed in seeds:
       config = recipe_config(dataset, recipe, [*settings, f'seed={seed}'])
       run_dir = os.path.join(workdir, dataset, _recipe_name(recipe), f'seed_{seed}')
+      run_dirs.append(run_dir)
       results_path = os.path.join(run_dir, 'results.json')
       if not os.path.exists(results_path):
         print(f'== {dataset}, seed {seed}: {run_dir}', flush=True)
@@ -80,9 +81,7 @@ def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
     row = summarize(dataset, _recipe_name(recipe), runs)
     if len(seeds) > 1:  # the seeds' mean probability on the test split, scored as one model
       from medjax.experiments.classification import ensemble_predictions
-      ensemble, _ = ensemble_predictions(
-          [os.path.join(workdir, dataset, _recipe_name(recipe), f'seed_{s}') for s in seeds],
-          'test', runs[0]['task'])
+      ensemble, _ = ensemble_predictions(run_dirs, 'test', runs[0]['task'])
       row.update(ensemble_auc=ensemble['auc'], ensemble_acc=ensemble['accuracy'])
     rows.append(row)
   return rows
