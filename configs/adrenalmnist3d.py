@@ -6,6 +6,7 @@ official file (MD5-checked). Any MedMNIST npz works here: the task, classes, cha
 2D/3D shape come from the file (e.g. --config.data.path=/data/pathmnist_64.npz).
 
   medjax train --config configs/adrenalmnist3d.py --workdir runs/adrenalmnist3d
+  medjax train --config configs/adrenalmnist3d.py:cpu --workdir runs/adrenalmnist3d_cpu  # CPU
   medjax train --config configs/adrenalmnist3d.py:runlocal --workdir /tmp/adrenalmnist3d   # tiny, for tests
 
 Paper test AUC / ACC: 0.827 / 0.721 (ResNet-18+3D); best 0.839 AUC / 0.802 ACC.
@@ -15,4 +16,10 @@ from medjax.recipes import medmnist_paper
 
 
 def get_config(arg: str = ''):
-  return medmnist_paper('adrenalmnist3d', is_3d=True, arg=arg)
+  return medmnist_paper('adrenalmnist3d', is_3d=True, arg=arg, cpu=_cpu)
+
+
+def _cpu(c) -> None:
+  # The paper's 3D ResNet-18 trains ~0.6 volumes/s on 2 CPU cores (~52 h for 100 epochs); a
+  # three-stage 3D CNN (16-32-64 channels) trains ~70 volumes/s, 40 epochs in ~12 min.
+  c.train.num_epochs = 40

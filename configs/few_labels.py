@@ -21,23 +21,13 @@ the full validation split (MedMNIST's protocol; with truly few labels, the valid
 would be small too).
 """
 
-import os
-
 import ml_collections
 
-from medjax.recipes import SHARED_MEDMNIST
+from medjax.recipes import medmnist_small_cnn
 
 
 def get_config(arg: str = 'breastmnist') -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.data = dict(name='medmnist', flag=arg, path=os.path.normpath(SHARED_MEDMNIST),
-                augment=dict(flip_lr=True, rotation_deg=10.0, scale_min=0.9, scale_max=1.1))
-  c.model = dict(name='simple_cnn', features=(32, 64), hidden=128, dropout_rate=0.3)
-  c.optimizer = dict(name='adam', learning_rate=1e-3, schedule='cosine', warmup_epochs=1,
-                     weight_decay=1e-4)
-  c.train = dict(num_epochs=30, batch_size=32, eval_batch_size=256, log_every_steps=50,
-                 selection_metric='auc', keep_checkpoints=1)
+  c = medmnist_small_cnn(arg)
   c.semi = dict(method='none', threshold=0.95, unlabeled_ratio=3, weight=1.0)
   if arg == 'runlocal':
     c.data = dict(name='synthetic', synthetic=dict(num_train=256, num_val=64, num_test=64,

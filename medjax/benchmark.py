@@ -1,10 +1,13 @@
 """``medjax benchmark medmnist``: a recipe over N seeds, one table next to the published figures.
 
   medjax benchmark medmnist --datasets breastmnist,pneumoniamnist --seeds 0,1,2 \
-      --workdir runs/medmnist_benchmark [--recipe configs/breastmnist_best.py] [--set KEY=VALUE]
+      --workdir runs/medmnist_benchmark [--variant cpu | --recipe FILE.py] [--set KEY=VALUE]
 
-For each dataset and seed it trains ``configs/<dataset>.py`` (or ``--recipe``, a config file
-whose ``data.flag`` is replaced by each dataset) into ``WORKDIR/<dataset>/<recipe>/seed_<K>``,
+For each dataset and seed it trains ``configs/<dataset>.py`` (the paper recipe), its variant
+``configs/<dataset>.py:<variant>`` (``cpu``: the dataset's own small-CNN recipe, minutes per
+run), or ``--recipe`` (one config file whose ``data.flag`` is replaced by each dataset) into
+``WORKDIR/<dataset>/<recipe>/seed_<K>`` (``<recipe>``: ``paper``, the variant, or the file's
+name),
 a normal workdir (``evaluate``, ``report``, ``compare`` read it; a finished one is not
 trained again, an interrupted one resumes). It prints one table, test AUC and ACC as mean
 ± sample sd over the seeds and of the seed ensemble (the mean of the seeds' test
@@ -37,16 +40,21 @@ PUBLISHED: Dict[str, Dict[str, tuple]] = {
 }
 
 
-def recipe_config(dataset: str, recipe: str = '', settings: Sequence[str] = ()):
-  """The config of one dataset: ``configs/<dataset>.py`` or ``recipe`` (a config file, its
-  ``data.flag`` set to ``dataset``), then ``settings`` (``KEY=VALUE``)."""
+def recipe_config(dataset: str, recipe: str = '', settings: Sequence[str] = (),
+                  variant: str = ''):
+  """The config of one dataset: ``configs/<dataset>.py[:variant]`` or ``recipe`` (a config file,
+  its ``data.flag`` set to ``dataset``), then ``settings`` (``KEY=VALUE``)."""
+  if recipe and variant:
+    raise ValueError('give --recipe (one file for every dataset) or --variant (each dataset\'s '
+                     'own configs/<dataset>.py:<variant>), not both')
   if recipe:
     config = config_lib.load_config_file(recipe)
     config_lib.apply_overrides(config, [f'data.flag={dataset}'])
     if config.data.path.endswith('.npz'):  # a file of another dataset: use its folder
       config_lib.apply_overrides(config, [f'data.path={os.path.dirname(config.data.path)}'])
   else:
-    config = config_lib.load_config_file(os.path.join(_configs_dir(), f'{dataset}.py'))
+    path = os.path.join(_configs_dir(), f'{dataset}.py')
+    config = config_lib.load_config_file(f'{path}:{variant}' if variant else path)
   config_lib.apply_overrides(config, list(settings))
   return config
 
@@ -55,22 +63,25 @@ def _configs_dir() -> str:
   return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
-def _recipe_name(recipe: str) -> str:
+def _recipe_name(recipe: str, variant: str = '') -> str:
+  if variant:
+    return variant
   if not recipe:
     return 'paper'
   return os.path.basename(recipe).replace('.py', '').replace(':', '_')
 
 
 def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
-                 recipe: str = '', settings: Sequence[str] = ()) -> List[Dict]:
+                 recipe: str = '', settings: Sequence[str] = (), variant: str = ''
+                 ) -> List[Dict]:
   """Trains every (dataset, seed) not finished yet; returns one table row per dataset."""
   from medjax import train as train_lib
   rows = []
   for dataset in datasets:
     runs, run_dirs = [], []
     for seed in seeds:
-      config = recipe_config(dataset, recipe, [*settings, f'seed={seed}'])
-      run_dir = os.path.join(workdir, dataset, _recipe_name(recipe), f'seed_{seed}')
+      config = recipe_config(dataset, recipe, [*settings, f'seed={seed}'], variant)
+      run_dir = os.path.join(workdir, dataset, _recipe_name(recipe, variant), f'seed_{seed}')
       run_dirs.append(run_dir)
       results_path = os.path.join(run_dir, 'results.json')
       if not os.path.exists(results_path):
@@ -78,7 +89,7 @@ def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
         train_lib.train_and_evaluate(config, run_dir)
       with open(results_path) as f:
         runs.append(json.load(f))
-    row = summarize(dataset, _recipe_name(recipe), runs)
+    row = summarize(dataset, _recipe_name(recipe, variant), runs)
     if len(seeds) > 1:  # the seeds' mean probability on the test split, scored as one model
       from medjax.experiments.classification import ensemble_predictions
       ensemble, _ = ensemble_predictions(run_dirs, 'test', runs[0]['task'])
@@ -132,10 +143,10 @@ def write_table(rows: Sequence[Dict], workdir: str) -> str:
 
 
 def main_medmnist(datasets: str, seeds: str, workdir: str, recipe: str = '',
-                  settings: Optional[Sequence[str]] = None) -> str:
+                  settings: Optional[Sequence[str]] = None, variant: str = '') -> str:
   names = [d.strip().lower() for d in datasets.split(',') if d.strip()]
   seed_list = [int(s) for s in seeds.split(',') if s.strip()]
   if not names or not seed_list:
     raise ValueError('--datasets and --seeds must each name at least one')
-  rows = run_medmnist(names, seed_list, workdir, recipe, settings or ())
+  rows = run_medmnist(names, seed_list, workdir, recipe, settings or (), variant)
   return write_table(rows, workdir)

@@ -151,6 +151,9 @@ def _parser() -> argparse.ArgumentParser:
   medmnist.add_argument('--recipe', default='',
                         help='a config file used for every dataset (default: '
                              'configs/<dataset>.py, the paper recipe)')
+  medmnist.add_argument('--variant', default='',
+                        help="each dataset's configs/<dataset>.py:<variant> (cpu: its small-CNN "
+                             'recipe, minutes per run on a CPU); not with --recipe')
   medmnist.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='config override for every run (repeatable)')
   return parser
@@ -274,7 +277,8 @@ def _report(args) -> int:
 
 def _benchmark(args) -> int:
   from medjax import benchmark
-  print(benchmark.main_medmnist(args.datasets, args.seeds, args.workdir, args.recipe, args.set))
+  print(benchmark.main_medmnist(args.datasets, args.seeds, args.workdir, args.recipe, args.set,
+                               args.variant))
   return 0
 
 

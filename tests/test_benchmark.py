@@ -49,6 +49,25 @@ def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys
   assert '== breastmnist' not in capsys.readouterr().out
 
 
+def test_benchmark_variant_trains_each_datasets_own_recipe(tmp_path, capsys):
+  data = tmp_path / 'data'
+  data.mkdir()
+  fake_medmnist(data / 'breastmnist.npz', (28, 28), 2)
+  out = tmp_path / 'bench'
+  argv = ['benchmark', 'medmnist', '--datasets', 'breastmnist', '--seeds', '3', '--workdir',
+          str(out), '--variant', 'cpu', '--set', f'data.path={data}', '--set',
+          'train.num_epochs=1', '--set', 'data.max_examples=32']
+  assert cli.main(argv) == 0
+  run = out / 'breastmnist' / 'cpu' / 'seed_3'
+  config = json.load(open(run / 'config.json'))
+  assert (config['seed'], config['model']['name'], config['model']['features']) == (
+      3, 'simple_cnn', [32, 64, 128])
+  assert '| breastmnist | cpu | 1 |' in capsys.readouterr().out
+  # One recipe source per run: --recipe and --variant together are refused.
+  assert cli.main([*argv, '--recipe', 'configs/few_labels.py']) == 2
+  assert 'give --recipe' in capsys.readouterr().err
+
+
 def test_published_table_has_no_dataset_without_a_recipe():
   for figures in benchmark.PUBLISHED.values():
     for dataset in figures:

@@ -84,3 +84,25 @@ def test_config_variants_are_one_helper_and_unknown_ones_name_the_file():
                                     small=lambda c: c.train.update(num_epochs=1))
   assert edited.train.num_epochs == 1
   assert config_lib.apply_variant(config_lib.default_config(), '').train.num_epochs == 10
+
+
+def test_medmnist_cpu_variants_are_the_small_cnn_recipe_and_leave_the_paper_recipe_alone():
+  few_labels = config_lib.load_config_file('configs/few_labels.py:breastmnist').to_dict()
+  for dataset, is_3d in (('breastmnist', False), ('pneumoniamnist', False),
+                         ('adrenalmnist3d', True)):
+    paper = config_lib.load_config_file(f'configs/{dataset}.py')
+    cpu = config_lib.load_config_file(f'configs/{dataset}.py:cpu')
+    assert (paper.model.name, paper.optimizer.schedule) == ('resnet18', 'multistep')
+    assert (cpu.model.name, cpu.optimizer.schedule) == ('simple_cnn', 'cosine')
+    assert cpu.data.flag == dataset and cpu.data.path == paper.data.path
+    # Nothing of the ResNet recipe is left (the model section takes the model's own kwargs).
+    assert 'stem' in paper.model and 'stem' not in cpu.model
+    # 3D: flips only (the pipeline's rotation and scaling are 2D-only).
+    assert cpu.data.augment.rotation_deg == (0.0 if is_3d else 10.0)
+    assert cpu.data.augment.flip_ud == is_3d
+  # BreastMNIST's :cpu is configs/few_labels.py's recipe with a third stage and 60 epochs.
+  cpu = config_lib.load_config_file('configs/breastmnist.py:cpu').to_dict()
+  assert cpu['model'].pop('features') == (32, 64, 128) and few_labels['model'].pop('features') == (32, 64)
+  assert cpu['train'].pop('num_epochs') == 60 and few_labels['train'].pop('num_epochs') == 30
+  for section in ('data', 'model', 'optimizer', 'train'):
+    assert cpu[section] == few_labels[section], section
