@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                              '(segmentation, same data and split) is scored')
   evaluate.add_argument('--split', default='test', choices=['train', 'val', 'test'])
   evaluate.add_argument('--step', type=int, default=None,
-                        help='checkpoint step (default: the selected best one)')
+                        help='checkpoint step (default: the selected one); another step, or '
+                             'other --mirror_axes, writes under WORKDIR/evaluations/, leaving '
+                             "the run's own predictions and eval_<split>.json as they are")
   evaluate.add_argument('--mirror_axes', default=None, metavar='AXES',
                         help='segmentation: test-time mirroring over these axes of the '
                              "network's input, e.g. 0,1 (default: the workdir's config)")

@@ -10,8 +10,10 @@ evaluation splits and writes the workdir (:mod:`medjax.workdir`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -358,10 +360,18 @@ def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = No
   """Reloads the config and the selected (or given) checkpoint of ``workdir`` and scores
   ``split``; the numbers equal those in ``results.json`` for the same checkpoint (unless
   ``mirror_axes`` asks for test-time mirroring). ``on_result(result)`` sees the result
-  before anything is written."""
+  before anything is written.
+
+  The run's own scoring (its selected checkpoint, its inference settings) goes to
+  ``eval_<split>.json``, ``predictions_<split>*`` and the plots. Any other (``step`` of another
+  checkpoint, other ``mirror_axes``) goes to ``evaluations/<split>_step<N>[_mirror<axes>]/``:
+  the files that ``results.json``, the seed ensemble and the report read are never replaced by
+  another checkpoint's predictions.
+  """
   exp, state, selected = restore_workdir(workdir, step)
   if split not in exp.available_splits:
     raise ValueError(f"unknown split '{split}'; expected one of {sorted(exp.available_splits)}")
+  own_mirror = tuple(exp.config.inference.mirror_axes) if exp.task == 'segmentation' else None
   _set_mirror_axes(exp, mirror_axes)
   split_metrics, predictions = exp.evaluate(state, split)
   result = {'split': split, 'step': selected, 'metrics': split_metrics}
@@ -370,10 +380,36 @@ def evaluate_workdir(workdir: str, split: str = 'test', step: Optional[int] = No
   if on_result is not None:
     on_result(result)
   if write:
-    workdir_lib.write_json(os.path.join(workdir, f'eval_{split}.json'), result)
-    exp.save_predictions(workdir, split, predictions)
-    plots.write_plots_safely(workdir, (split,))
+    own = (selected == _run_selected_step(workdir, selected) and
+           (mirror_axes is None or tuple(exp.config.inference.mirror_axes) == own_mirror))
+    out = workdir if own else os.path.join(workdir, 'evaluations',
+                                           _evaluation_name(split, selected, mirror_axes))
+    if workdir_lib.is_main():
+      os.makedirs(out, exist_ok=True)
+    workdir_lib.write_json(os.path.join(out, f'eval_{split}.json'), result)
+    exp.save_predictions(out, split, predictions)
+    if own:
+      plots.write_plots_safely(workdir, (split,))
+    elif workdir_lib.is_main():
+      print(f'wrote {out} (not the run\'s selected checkpoint and settings: its own '
+            f'eval_{split}.json and predictions are left as they are)', file=sys.stderr)
   return result
+
+
+def _run_selected_step(workdir: str, default: int) -> int:
+  """The step ``results.json`` reports (a finished run), else ``default``."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return int(json.load(f).get('selected_step', default))
+
+
+def _evaluation_name(split: str, step: int, mirror_axes: Optional[Sequence[int]]) -> str:
+  name = f'{split}_step{step}'
+  if mirror_axes is not None:
+    name += '_mirror' + ('-'.join(str(int(a)) for a in mirror_axes) or 'none')
+  return name
 
 
 def evaluate_ensemble(workdirs: Sequence[str], split: str = 'val',

@@ -15,7 +15,10 @@ A workdir holds (see README, "Workdir"):
 ``checkpoints/``            Orbax checkpoints (latest N plus the best by the selection metric)
 ``results.json``            the selected checkpoint's metrics, versions, run info
 ``predictions_<split>*``    the task's predictions of each scored split
-``eval_<split>.json``       ``medjax evaluate``'s result
+``eval_<split>.json``       ``medjax evaluate``'s result (the selected checkpoint)
+``evaluations/``            ``medjax evaluate`` of another checkpoint or other test-time
+                            mirroring: ``<split>_step<N>[_mirror<axes>]/`` with its own
+                            ``eval_<split>.json`` and predictions
 ``plots/``, ``tensorboard/``  figures (:func:`medjax.plots.write_plots_safely`) and scalars
 ==========================  ==================================================================
 

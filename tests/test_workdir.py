@@ -3,6 +3,7 @@ nothing; explicit, recorded changes of the keys that may change."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -189,3 +190,40 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(damage,
   assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '12'))
   # As if the damage had never happened.
   assert results_without_run_info(workdir) == results_without_run_info(reference)
+
+
+def test_evaluating_another_checkpoint_leaves_the_runs_own_files_alone(tmp_path, quickstart_run,
+                                                                       capsys):
+  """``evaluate --step N`` of a checkpoint that is not the selected one writes under
+  ``evaluations/``: the run's predictions (read by the seed ensemble and the report),
+  ``eval_<split>.json`` and plots stay those of the checkpoint ``results.json`` names."""
+  from sklearn.metrics import roc_auc_score
+
+  from medjax import cli
+  workdir = tmp_path / 'run'
+  shutil.copytree(quickstart_run, workdir)
+  results = json.load(open(workdir / 'results.json'))
+  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  other = [s for s in steps if s != results['selected_step']][0]
+  own_files = ['predictions_test.npz', 'plots/roc_test.png']
+  before = {f: (workdir / f).read_bytes() for f in own_files}
+  assert cli.main(['evaluate', '--workdir', str(workdir), '--split', 'test',
+                   '--step', str(other)]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed['step'] == other
+  assert {f: (workdir / f).read_bytes() for f in own_files} == before
+  assert not (workdir / 'eval_test.json').exists()
+  out = workdir / 'evaluations' / f'test_step{other}'
+  saved = json.load(open(out / 'eval_test.json'))
+  assert saved['step'] == other and saved['metrics']['auc'] == printed['auc']
+  with np.load(out / 'predictions_test.npz') as p:  # that checkpoint's scores, not the run's
+    labels, scores = p['labels'].reshape(-1), p['scores']
+  with np.load(workdir / 'predictions_test.npz') as p:
+    assert not np.allclose(p['scores'], scores)
+  assert printed['auc'] == pytest.approx(
+      roc_auc_score(labels, scores, multi_class='ovr'), abs=1e-6)
+  # The selected checkpoint, given by its step or not, is the run's own scoring.
+  assert cli.main(['evaluate', '--workdir', str(workdir), '--split', 'test', '--step',
+                   str(results['selected_step'])]) == 0
+  assert json.load(open(workdir / 'eval_test.json'))['metrics'] == results['test']
+  assert sorted(os.listdir(workdir / 'evaluations')) == [f'test_step{other}']
