@@ -10,14 +10,19 @@ from conftest import fake_medmnist
 from medjax import benchmark, cli
 
 
-def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys):
+def _benchmark_argv(tmp_path, seeds: str, *recipe: str) -> list:
+  """``medjax benchmark medmnist`` on a fake BreastMNIST: one short epoch per seed."""
   data = tmp_path / 'data'
   data.mkdir()
   fake_medmnist(data / 'breastmnist.npz', (28, 28), 2)
+  return ['benchmark', 'medmnist', '--datasets', 'breastmnist', '--seeds', seeds, '--workdir',
+          str(tmp_path / 'bench'), *recipe, '--set', f'data.path={data}', '--set',
+          'train.num_epochs=1', '--set', 'data.max_examples=32']
+
+
+def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys):
   out = tmp_path / 'bench'
-  argv = ['benchmark', 'medmnist', '--datasets', 'breastmnist', '--seeds', '0,1', '--workdir',
-          str(out), '--recipe', 'configs/breastmnist.py:runlocal', '--set', f'data.path={data}', '--set', 'train.num_epochs=1', '--set',
-          'data.max_examples=32']
+  argv = _benchmark_argv(tmp_path, '0,1', '--recipe', 'configs/breastmnist.py:runlocal')
   assert cli.main(argv) == 0
   printed = capsys.readouterr().out
   runs = [json.load(open(out / 'breastmnist' / 'breastmnist_runlocal' / f'seed_{s}' /
@@ -50,13 +55,8 @@ def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys
 
 
 def test_benchmark_variant_trains_each_datasets_own_recipe(tmp_path, capsys):
-  data = tmp_path / 'data'
-  data.mkdir()
-  fake_medmnist(data / 'breastmnist.npz', (28, 28), 2)
   out = tmp_path / 'bench'
-  argv = ['benchmark', 'medmnist', '--datasets', 'breastmnist', '--seeds', '3', '--workdir',
-          str(out), '--variant', 'cpu', '--set', f'data.path={data}', '--set',
-          'train.num_epochs=1', '--set', 'data.max_examples=32']
+  argv = _benchmark_argv(tmp_path, '3', '--variant', 'cpu')
   assert cli.main(argv) == 0
   run = out / 'breastmnist' / 'cpu' / 'seed_3'
   config = json.load(open(run / 'config.json'))
