@@ -77,11 +77,12 @@ def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
   """Trains every (dataset, seed) not finished yet; returns one table row per dataset."""
   from medjax import train as train_lib
   rows = []
+  name = _recipe_name(recipe, variant)
   for dataset in datasets:
     runs, run_dirs = [], []
     for seed in seeds:
       config = recipe_config(dataset, recipe, [*settings, f'seed={seed}'], variant)
-      run_dir = os.path.join(workdir, dataset, _recipe_name(recipe, variant), f'seed_{seed}')
+      run_dir = os.path.join(workdir, dataset, name, f'seed_{seed}')
       run_dirs.append(run_dir)
       results_path = os.path.join(run_dir, 'results.json')
       if not os.path.exists(results_path):
@@ -89,7 +90,7 @@ def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
         train_lib.train_and_evaluate(config, run_dir)
       with open(results_path) as f:
         runs.append(json.load(f))
-    row = summarize(dataset, _recipe_name(recipe, variant), runs)
+    row = summarize(dataset, name, runs)
     if len(seeds) > 1:  # the seeds' mean probability on the test split, scored as one model
       from medjax.experiments.classification import ensemble_predictions
       ensemble, _ = ensemble_predictions(run_dirs, 'test', runs[0]['task'])

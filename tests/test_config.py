@@ -102,7 +102,8 @@ def test_medmnist_cpu_variants_are_the_small_cnn_recipe_and_leave_the_paper_reci
     assert cpu.data.augment.flip_ud == is_3d
   # BreastMNIST's :cpu is configs/few_labels.py's recipe with a third stage and 60 epochs.
   cpu = config_lib.load_config_file('configs/breastmnist.py:cpu').to_dict()
-  assert cpu['model'].pop('features') == (32, 64, 128) and few_labels['model'].pop('features') == (32, 64)
+  assert cpu['model'].pop('features') == (32, 64, 128)
+  assert few_labels['model'].pop('features') == (32, 64)
   assert cpu['train'].pop('num_epochs') == 60 and few_labels['train'].pop('num_epochs') == 30
   for section in ('data', 'model', 'optimizer', 'train'):
     assert cpu[section] == few_labels[section], section
