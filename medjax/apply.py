@@ -253,7 +253,7 @@ def segmentation_grad_cam(exp, variables, image: np.ndarray, labels: np.ndarray,
   if exp.slice_axis is None:
     batch, regions = image[None], (labels == target_class)[None]
   else:
-    batch = np.moveaxis(image, exp.slice_axis, 0)
+    batch = exp.slices_of(image)
     regions = np.moveaxis(labels == target_class, exp.slice_axis, 0)
   spatial = batch.shape[1:-1]
   pad = [(0, 0)] + [(0, -s % stride) for s in spatial] + [(0, 0)]

@@ -87,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.patch_size = (40, 56, 40)    # () = from the data (median shape, see auto_patch_size)
   c.data.slice_axis = -1              # -1: patches of the data's dimensionality; 0/1/2: 2D slices
   c.data.skip_empty_slices = False
+  c.data.slice_context = 0            # 2.5D: neighbouring slices on each side as channels
   c.data.foreground_fraction = 1.0 / 3.0
   from medjax.data.sampling import SegAugment  # the probabilities and ranges, all configurable
   c.data.seg_augment = ml_collections.ConfigDict(dataclasses.asdict(SegAugment()))

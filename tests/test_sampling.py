@@ -186,3 +186,61 @@ def test_slices_along_an_axis_skip_empty(hippo_cases):
   batches = list(sampler.batches(0, 4))
   assert batches[0][0].shape == (8, 64, 64, 1)
   assert all(y.sum() > 0 for _, ys in batches for y in ys)  # whole slices, all with foreground
+
+
+def test_slice_context_stacks_neighbouring_slices_as_channels():
+  """2.5D inputs against a plain NumPy loop: slice i along the axis with its k neighbours
+  on each side as channels (in order -k..k, each slice's C channels), zeros outside."""
+  rng = np.random.default_rng(0)
+  volume = rng.normal(size=(5, 6, 7, 2)).astype(np.float32)  # [X, Y, Z, C]
+  for axis in range(3):
+    depth = volume.shape[axis]
+    for context in (0, 1, 2):
+      stack = sampling.slice_stack(volume, axis, context)
+      assert stack.shape == ((depth,) + tuple(np.delete(volume.shape[:3], axis)) +
+                             (2 * (2 * context + 1),))
+      for i in range(depth):
+        expected = []
+        for j in range(i - context, i + context + 1):
+          index = [slice(None)] * 4
+          index[axis] = j
+          expected.append(volume[tuple(index)] if 0 <= j < depth else
+                          np.zeros(np.delete(volume.shape, axis), np.float32))
+        expected = np.concatenate(expected, axis=-1)
+        np.testing.assert_array_equal(stack[i], expected)
+        np.testing.assert_array_equal(
+            sampling.slice_with_context(volume, axis, i, context), expected)
+
+
+def test_sampler_with_slice_context_keeps_neighbours_aligned_with_the_centre():
+  """Slices along axis 0 carry their index + 1 as a constant value, so every pixel of a
+  sampled 2.5D patch that lies inside the volume must read centre + offset in the neighbour
+  channels (0 beyond the volume's ends), through rotation, scaling and flips; the centre
+  channel and the label are exactly the plain 2D sampler's."""
+  depth = 9
+  image = np.broadcast_to(np.arange(1, depth + 1, dtype=np.float32)[:, None, None, None],
+                          (depth, 20, 24, 1)).copy()
+  label = np.zeros((depth, 20, 24), np.int32)
+  label[3:6, 5:15, 6:18] = 1
+  cases = {'a': (image, label, prepare.class_locations(label, 2, np.random.default_rng(0)))}
+  augment = sampling.SegAugment(p_flip=0.5, p_rotate=1.0, rotate_deg=30.0, p_scale=1.0)
+  common = dict(global_batch=6, seed=3, foreground_fraction=0.5, augment=augment, slice_axis=0)
+  plain = sampling.SegmentationSampler(cases, (16, 16), **common)
+  stacked = sampling.SegmentationSampler(cases, (16, 16), slice_context=2, **common)
+  for step in range(3):
+    for j in range(6):
+      x2, y2 = plain(step, j)
+      x, y = stacked(step, j)
+      assert x.shape == (16, 16, 5) and x2.shape == (16, 16, 1)
+      np.testing.assert_array_equal(x[..., 2], x2[..., 0])
+      np.testing.assert_array_equal(y, y2)
+      # Pixels wholly inside the volume (linear interpolation blends the border with 0)
+      # read the centre slice's value, the index + 1 of the slice the sampler took.
+      inside = np.isclose(x[..., 2], x[..., 2].max(), rtol=1e-5)
+      centre = round(float(x[..., 2].max()))
+      assert inside.sum() > 100 and 1 <= centre <= depth
+      for c, offset in enumerate(range(-2, 3)):
+        expected = centre + offset if 1 <= centre + offset <= depth else 0.0
+        np.testing.assert_allclose(x[..., c][inside], expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='slice_context needs slice_axis'):
+    sampling.SegmentationSampler(cases, (16, 16, 16), global_batch=2, seed=0, slice_context=1)

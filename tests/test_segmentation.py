@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -136,13 +137,22 @@ def test_segmentation_config_errors(tmp_path):
     train_lib.make_experiment(_config(str(tmp_path), **{'data.patch_size': (16, 16)}))
   with pytest.raises(ValueError, match="data.target_spacing must be 'keep'"):
     train_lib.make_experiment(_config(str(tmp_path), **{'data.target_spacing': 'fine'}))
+  with pytest.raises(ValueError, match=r'data.slice_context=1: .* only with data.slice_axis'):
+    train_lib.make_experiment(_config(str(tmp_path), **{'data.slice_context': 1}))
 
 
 def test_2d_slices_of_volumes_train_and_segment_whole_volumes(seg_run, tmp_path):
+  # 2.5D: each sagittal slice with one neighbour on each side as channels.
   config = _config(str(tmp_path / 'cache'), **{'data.slice_axis': 0,
+                                                 'data.slice_context': 1,
                                                  'data.patch_size': (16, 16),
                                                  'data.skip_empty_slices': True})
   results = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  exp_2d, state_2d = train_lib.restore_workdir(str(tmp_path / 'run'))[:2]
+  assert exp_2d.input_shape == (16, 16, 3)
+  kernels = [v for k, v in jax.tree_util.tree_flatten_with_path(state_2d.params)[0]
+             if 'kernel' in jax.tree_util.keystr(k)]
+  assert any(k.shape[-2] == 3 for k in kernels)  # the first convolution reads 3 slices
   split = json.load(open(tmp_path / 'run' / 'split.json'))
   for case_id in split['val']:
     pred = nib.load(tmp_path / 'run' / 'predictions_val' / f'{case_id}.nii.gz')
@@ -199,6 +209,15 @@ def test_2d_slices_of_volumes_train_and_segment_whole_volumes(seg_run, tmp_path)
     written = nib.load(tmp_path / 'ens' / 'predictions_val' / f'{case_id}.nii.gz')
     np.testing.assert_array_equal(np.asarray(predicted.dataobj), np.asarray(written.dataobj))
     np.testing.assert_allclose(predicted.affine, written.affine, atol=1e-6)
+  # Grad-CAM of the 2.5D model, slice by slice, back on the scan's own grid.
+  case_id = split['val'][0]
+  assert cli.main(['explain', '--workdir', str(tmp_path / 'run'), '--input',
+                   str(images / f'{case_id}.nii.gz'), '--output', str(tmp_path / 'cam')]) == 0
+  source = nib.load(images / f'{case_id}.nii.gz')
+  for name in ('Anterior', 'Posterior'):
+    cam = nib.load(tmp_path / 'cam' / f'{case_id}_gradcam_{name}.nii.gz')
+    assert cam.shape == source.shape
+    np.testing.assert_allclose(cam.affine, source.affine, atol=1e-5)
 
 
 def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):

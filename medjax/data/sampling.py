@@ -163,10 +163,39 @@ def _intensity_augment(x: np.ndarray, aug: SegAugment, rng: np.random.Generator)
   return x.astype(np.float32)
 
 
+def slice_with_context(image: np.ndarray, axis: int, index: int, context: int) -> np.ndarray:
+  """Slice ``index`` along spatial ``axis`` of ``image`` ``[*spatial, C]`` with its
+  ``context`` neighbours on each side as channels (2.5D): ``[*slice, (2 context + 1) C]``,
+  the slices ``index - context .. index + context`` in that order, each with its ``C``
+  channels; a neighbour outside the volume is zeros (as the sampler's patches are outside
+  it)."""
+  depth = image.shape[axis]
+  parts = []
+  for offset in range(-context, context + 1):
+    i = index + offset
+    parts.append(np.take(image, i, axis=axis) if 0 <= i < depth else
+                 np.zeros(np.delete(image.shape, axis), image.dtype))
+  return np.concatenate(parts, axis=-1)
+
+
+def slice_stack(image: np.ndarray, axis: int, context: int = 0) -> np.ndarray:
+  """Every slice along spatial ``axis`` of ``image`` ``[*spatial, C]`` as a batch ``[M,
+  *slice, (2 context + 1) C]``: row ``i`` is :func:`slice_with_context` ``(image, axis, i,
+  context)``."""
+  slices = np.moveaxis(np.asarray(image), axis, 0)  # [M, *slice, C]
+  if not context:
+    return slices
+  padded = np.pad(slices, [(context, context)] + [(0, 0)] * (slices.ndim - 1))
+  depth = len(slices)
+  return np.concatenate([padded[k:k + depth] for k in range(2 * context + 1)], axis=-1)
+
+
 def take_slice(image: np.ndarray, label: np.ndarray, locations: Dict[str, np.ndarray],
-               axis: int, index: int):
-  """The 2D slice ``index`` along spatial ``axis`` of a 3D case, with its class locations."""
-  image2d = np.take(image, index, axis=axis)
+               axis: int, index: int, context: int = 0):
+  """The 2D slice ``index`` along spatial ``axis`` of a 3D case (with ``context``
+  neighbouring slices on each side as channels, :func:`slice_with_context`), with its
+  class locations (those of the centre slice, which the label is)."""
+  image2d = slice_with_context(image, axis, index, context)
   label2d = np.take(label, index, axis=axis)
   keep = [a for a in range(3) if a != axis]
   locs = {}
@@ -195,14 +224,21 @@ class SegmentationSampler:
     slice_axis: sample 2D slices along this axis of 3D cases (None: patches of the case's
       own dimensionality).
     skip_empty_slices: draw slices only among those with foreground.
+    slice_context: with ``slice_axis``, this many neighbouring slices on each side join
+      each slice as channels (2.5D, :func:`slice_with_context`); the label is the centre
+      slice's.
   """
 
   def __init__(self, cases: Dict[str, Tuple[np.ndarray, np.ndarray, Dict]],
                patch_size: Sequence[int], global_batch: int, seed: int,
                foreground_fraction: float = 1 / 3, augment: SegAugment = SegAugment(),
-               slice_axis: Optional[int] = None, skip_empty_slices: bool = False):
+               slice_axis: Optional[int] = None, skip_empty_slices: bool = False,
+               slice_context: int = 0):
     if not cases:
       raise ValueError('no training cases')
+    if slice_context and slice_axis is None:
+      raise ValueError('slice_context needs slice_axis: neighbouring slices are 2D inputs')
+    self.slice_context = int(slice_context)
     self.case_ids = sorted(cases)
     self.cases = cases
     self.patch_size = tuple(int(p) for p in patch_size)
@@ -240,7 +276,8 @@ class SegmentationSampler:
         index = int(locations[cls][rng.integers(len(locations[cls])), self.slice_axis])
       else:
         index = int(choices[rng.integers(len(choices))])
-      image, label, locations = take_slice(image, label, locations, self.slice_axis, index)
+      image, label, locations = take_slice(image, label, locations, self.slice_axis, index,
+                                           self.slice_context)
     return sample(image, label, locations, self.patch_size, foreground, rng, self.augment)
 
   def batches(self, start_step: int, num_steps: int, process_index: int = 0,
@@ -252,7 +289,7 @@ class SegmentationSampler:
     steps = np.arange(start_step, num_steps)
     js = np.arange(rows.start, rows.stop)
     pairs = np.stack(np.meshgrid(steps, js, indexing='ij'), -1).reshape(-1, 2).astype(np.int64)
-    channels = next(iter(self.cases.values()))[0].shape[-1]
+    channels = next(iter(self.cases.values()))[0].shape[-1] * (2 * self.slice_context + 1)
 
     def load(pair):
       def fn(p):

@@ -7,8 +7,9 @@ The training loop, checkpoints, resume and sharding are those of :mod:`medjax.tr
 * data: ``data.root`` is prepared once into an uncompressed cache (:mod:`medjax.data.prepare`),
   split by a seeded k-fold (``data.num_folds``, ``data.fold``, ``data.split_seed``), and the
   split is written to the workdir as ``split.json``;
-* training samples: patches (or 2D slices) from :class:`SegmentationSampler`, one third
-  centred on foreground, deterministic from (seed, step, position);
+* training samples: patches (or 2D slices, ``data.slice_axis``, with ``data.slice_context``
+  neighbouring slices on each side as channels: 2.5D) from :class:`SegmentationSampler`,
+  one third centred on foreground, deterministic from (seed, step, position);
 * loss: Dice + CE (or Dice, or CE), with deep supervision when the model returns several
   resolutions (weights 1/2^i, normalised);
 * evaluation: every case of the split by sliding window, mapped back onto the original file's
@@ -30,7 +31,7 @@ import numpy as np
 from medjax import inference, metrics as metrics_lib, optim, seg_losses, seg_metrics, semi
 from medjax import workdir as workdir_lib
 from medjax.data import few_labels, layouts, nifti, prepare
-from medjax.data.sampling import SegAugment, SegmentationSampler
+from medjax.data.sampling import SegAugment, SegmentationSampler, slice_stack
 from medjax.experiments.base import Experiment
 
 
@@ -149,13 +150,21 @@ class SegmentationExperiment(Experiment):
                        f'{prepared.spatial_dims}D data'
                        f"{' sliced along an axis' if self.slice_axis is not None else ''}")
     # One channel count: the dataset check inside prepare() refuses cases that differ.
-    channels = next(iter(self.cases.values()))[0].shape[-1]
+    self.image_channels = next(iter(self.cases.values()))[0].shape[-1]
+    self.slice_context = int(cfg.slice_context)
+    if self.slice_context < 0 or (self.slice_context and self.slice_axis is None):
+      raise ValueError(f'data.slice_context={cfg.slice_context}: the number of neighbouring '
+                       'slices on each side (2.5D) must be >= 0, and > 0 only with '
+                       'data.slice_axis set (2D slices)')
+    # 2.5D: each slice's neighbours join it as channels, [*slice, (2k+1) C].
+    channels = self.image_channels * (2 * self.slice_context + 1)
     self.sampler = SegmentationSampler(
         {c: self.cases[c] for c in split['train']}, self.patch_size, config.train.batch_size,
         seed=config.seed, foreground_fraction=cfg.foreground_fraction,
         augment=SegAugment(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                               for k, v in cfg.seg_augment.to_dict().items()}),
-        slice_axis=self.slice_axis, skip_empty_slices=cfg.skip_empty_slices)
+        slice_axis=self.slice_axis, skip_empty_slices=cfg.skip_empty_slices,
+        slice_context=self.slice_context)
     if self.semi_method == 'mean_teacher':
       unlabeled = {c: (self.cases[c][0], np.zeros(self.cases[c][0].shape[:-1],
                                                    self.cases[c][1].dtype), {})
@@ -164,7 +173,7 @@ class SegmentationExperiment(Experiment):
       self.unlabeled_sampler = SegmentationSampler(
           unlabeled, self.patch_size, config.train.batch_size * config.semi.unlabeled_ratio,
           seed=config.seed + 2**31, foreground_fraction=0.0, augment=self.sampler.augment,
-          slice_axis=self.slice_axis)
+          slice_axis=self.slice_axis, slice_context=self.slice_context)
     steps = config.train.steps_per_epoch or math.ceil(epoch_cases / config.train.batch_size)
     self.setup(num_outputs=self.num_classes, input_shape=self.patch_size + (channels,),
                steps_per_epoch=steps)
@@ -270,11 +279,16 @@ class SegmentationExperiment(Experiment):
       return inference.sliding_window(predict, image, self.patch_size, overlap=cfg.overlap,
                                       blend=cfg.blend, batch_size=batch,
                                       mirror_axes=tuple(cfg.mirror_axes))
-    slices = np.moveaxis(image, self.slice_axis, 0)  # [M, *slice, C]
     probs = inference.sliding_window_stack(
-        predict, slices, self.patch_size, overlap=cfg.overlap, blend=cfg.blend,
+        predict, self.slices_of(image), self.patch_size, overlap=cfg.overlap, blend=cfg.blend,
         batch_size=batch, mirror_axes=tuple(cfg.mirror_axes))
     return np.moveaxis(probs, 0, self.slice_axis)
+
+  def slices_of(self, image: np.ndarray) -> np.ndarray:
+    """A prepared image ``[*spatial, C]`` as the 2D model's inputs: every slice along
+    ``data.slice_axis``, ``[M, *slice, C']`` (with ``data.slice_context`` k, the k
+    neighbouring slices on each side as channels, ``C' = (2k+1) C``)."""
+    return slice_stack(image, self.slice_axis, self.slice_context)
 
   def predict_case(self, state, case_id: str) -> np.ndarray:
     """Label map of a prepared case, on the original file's grid."""
@@ -292,9 +306,9 @@ class SegmentationExperiment(Experiment):
     back onto the file's grid (:func:`medjax.data.prepare.restore_original_grid`)."""
     image, record = prepare.prepare_image(path, self.data.prepared.resolved_options(),
                                           self.data.prepared.target_spacing)
-    if image.shape[-1] != self.input_shape[-1]:
+    if image.shape[-1] != self.image_channels:
       raise nifti.VolumeError(f'{path}: {image.shape[-1]} channel(s), but the model was '
-                              f'trained on {self.input_shape[-1]}')
+                              f'trained on {self.image_channels}')
     return image, record
 
   def describe(self) -> str:
