@@ -70,6 +70,8 @@ def main() -> None:
   parser.add_argument('--methods', default=','.join(METHODS))
   parser.add_argument('--runs', default='/tmp/medjax_few_labels')
   parser.add_argument('--extra', default='', help='more config overrides, ";"-separated')
+  parser.add_argument('--out', default='', help='results JSON (default '
+                      'benchmarks/results/few_labels_<dataset>.json)')
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
   fractions = [float(f) for f in args.fractions.split(',')]
@@ -112,7 +114,8 @@ def main() -> None:
           f"{row['auc']['mean']:>8.3f} ± {row['auc']['sd']:.3f} "
           f"{row['accuracy']['mean']:>8.3f} ± {row['accuracy']['sd']:.3f} "
           f"{gap_text(row, recovered):>14} {row['wall_time_s']:>8.0f}")
-  write_results(os.path.join(REPO, 'benchmarks', 'results', f'few_labels_{args.dataset}.json'),
+  write_results(args.out or os.path.join(REPO, 'benchmarks', 'results',
+                                         f'few_labels_{args.dataset}.json'),
                 rows, dataset=args.dataset, seeds=seeds,
                 config='configs/few_labels.py:' + args.dataset, extra_overrides=extra)
 

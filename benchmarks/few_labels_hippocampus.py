@@ -62,10 +62,11 @@ def main() -> None:
   counts = [int(c) for c in args.counts.split(',')]
   root = os.path.join(args.runs, f'hippocampus_e{args.num_epochs}')
   # The settings this table was measured with (the ':cpu' recipe before issue 10 redefined
-  # it): no warm-up, selection on validation Dice every 10 epochs, no test-time mirroring.
+  # it): plain 2D slices, no warm-up, selection on validation Dice every 10 epochs, no
+  # test-time mirroring.
   common = [f'train.num_epochs={args.num_epochs}', 'optimizer.warmup_epochs=0',
             'train.eval_every_epochs=10', 'train.selection_mode=max',
-            'inference.mirror_axes=()']
+            'inference.mirror_axes=()', 'data.slice_context=0']
   steps = args.num_epochs * config_lib.load_config_file(CONFIG).train.steps_per_epoch
 
   rows = []

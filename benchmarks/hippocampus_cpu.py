@@ -1,6 +1,6 @@
 """MSD Hippocampus fold 0 on a 2-core CPU budget, against nnU-Net 3d_fullres.
 
-Trains ``configs/hippocampus_unet3d.py:cpu`` (a 2D U-Net on slices) along each of ``--axes``
+Trains ``configs/hippocampus_unet3d.py:cpu`` (a 2.5D U-Net on slices) along each of ``--axes``
 (axis 0 is the recipe; other axes use a patch that covers their slices), then scores fold 0's
 40 held-out volumes, whole, on their original grid: each model alone, with test-time
 mirroring over both slice axes, and the ensemble of the axes (mean of the probabilities,
@@ -8,9 +8,9 @@ mirroring over both slice axes, and the ensemble of the axes (mean of the probab
 training minutes and the inference seconds per volume next to nnU-Net's 5-fold figures, and
 writes benchmarks/results/hippocampus_cpu.json. Finished runs (a results.json) are reused.
 
-  python benchmarks/hippocampus_cpu.py --runs /tmp/hippo_cpu                  # the recipe
-  python benchmarks/hippocampus_cpu.py --runs /tmp/hippo_cpu --axes 0,1,2 \\
-      --set train.num_epochs=80                                              # 3 axes
+  python benchmarks/hippocampus_cpu.py --runs /tmp/hippo_cpu --axes 0,1,2    # the recipe
+  python benchmarks/hippocampus_cpu.py --runs /tmp/hippo_2d --axes 1 \\
+      --set data.slice_context=0 --out /tmp/hippo_2d.json                    # one 2D model
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ def train_axis(runs: str, axis: int, overrides) -> str:
                                         f'data.patch_size={SLICE_PATCH[axis]}', *overrides])
     train_lib.train_and_evaluate(config, workdir)
   return workdir
+
+
+def input_kind(workdir: str) -> str:
+  """'2D' (one slice in) or '2.5D' (with neighbouring slices as channels) for a run."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    context = json.load(f)['data'].get('slice_context', 0)
+  return '2.5D' if context else '2D'
 
 
 def seconds_per_volume(workdirs, mirror) -> float:
@@ -89,12 +96,14 @@ def main() -> None:
     with open(os.path.join(workdirs[-1], 'results.json')) as f:
       minutes.append(json.load(f)['run_info']['wall_time_s'] / 60)
   rows = []
+  kind = input_kind(workdirs[0])
   for axis, workdir, train_min in zip(axes, workdirs, minutes):
     for mirror in ((), (0, 1)):
-      rows.append(score(f'2D axis {axis}', [workdir], mirror, train_min))
+      rows.append(score(f'{input_kind(workdir)} axis {axis}', [workdir], mirror, train_min))
   if len(axes) > 1:
     for mirror in ((), (0, 1)):
-      rows.append(score(f"2D axes {','.join(map(str, axes))}", workdirs, mirror, sum(minutes)))
+      rows.append(score(f"{kind} axes {','.join(map(str, axes))}", workdirs, mirror,
+                        sum(minutes)))
   rows.append({'model': 'nnU-Net 3d_fullres (5-fold, GPU)', **NNUNET})
   print_table(rows, [('model', 'model', ''), ('mirror_axes', 'mirror', ''),
                      ('dice_anterior', 'Dice ant', '.4f'), ('dice_posterior', 'Dice post', '.4f'),
