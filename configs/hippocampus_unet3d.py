@@ -64,7 +64,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 def _cpu(c: ml_collections.ConfigDict) -> None:
   # What a 2-core CPU trains in 20 minutes: a 2.5D U-Net on sagittal (axis-0) slices, each
   # with two neighbouring slices on each side as channels (3D context for the cost of a
-  # wider first convolution: +0.01 mean Dice over plain slices at equal steps), one third
+  # wider first convolution: +0.01 mean Dice over plain slices at equal steps, mirrored), one third
   # centred on foreground, 8000 steps of 16 slices; the final checkpoint is scored (no
   # selection on the validation cases it is reported on); validation segments whole volumes
   # with test-time mirroring over both slice axes. A 3D U-Net is slower per Dice point on a
