@@ -11,7 +11,14 @@ on a CPU), to compare supervised-on-the-labelled-part, self-training, FixMatch a
       --seeds 0,1,2 --config.data.labeled_fraction=0.1 --config.semi.method=self_training \\
       --config.semi.teacher=runs/b10/none
   medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/fixmatch \\
-      --seeds 0,1,2 --config.data.labeled_fraction=0.1 --config.semi.method=fixmatch
+      --seeds 0,1,2 --config.data.labeled_fraction=0.1 --config.semi.method=fixmatch \\
+      --config.semi.threshold=0.8
+
+FixMatch here: confidence threshold 0.8 (self-training keeps 0.95) and a strong augmentation
+with a cutout of a quarter of the image side (the default half can erase a 28-px image's
+lesion). Chosen on BreastMNIST 10 % by validation AUC (0.825, was 0.807 with 0.95 and a half
+cutout; benchmarks/results/few_labels_breastmnist_fixmatch_variants.json); PneumoniaMNIST 5 %
+with it: test AUC 0.944 +- 0.003, was 0.939 +- 0.010.
 
 Every run of a dataset trains for the same number of steps (an epoch is one pass over the
 whole training split's size, labelled or not). PneumoniaMNIST (4708 training images) was
@@ -28,7 +35,8 @@ from medjax.recipes import medmnist_small_cnn
 
 def get_config(arg: str = 'breastmnist') -> ml_collections.ConfigDict:
   c = medmnist_small_cnn(arg)
-  c.semi = dict(method='none', threshold=0.95, unlabeled_ratio=3, weight=1.0)
+  c.semi = dict(method='none', threshold=0.95, unlabeled_ratio=3, weight=1.0,
+                strong_augment=dict(cutout=0.25))
   if arg == 'runlocal':
     c.data = dict(name='synthetic', synthetic=dict(num_train=256, num_val=64, num_test=64,
                                                    num_classes=2),
