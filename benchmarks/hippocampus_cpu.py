@@ -96,14 +96,14 @@ def main() -> None:
     with open(os.path.join(workdirs[-1], 'results.json')) as f:
       minutes.append(json.load(f)['run_info']['wall_time_s'] / 60)
   rows = []
-  kind = input_kind(workdirs[0])
-  for axis, workdir, train_min in zip(axes, workdirs, minutes):
+  kinds = [input_kind(w) for w in workdirs]
+  for axis, kind, workdir, train_min in zip(axes, kinds, workdirs, minutes):
     for mirror in ((), (0, 1)):
-      rows.append(score(f'{input_kind(workdir)} axis {axis}', [workdir], mirror, train_min))
+      rows.append(score(f'{kind} axis {axis}', [workdir], mirror, train_min))
   if len(axes) > 1:
     for mirror in ((), (0, 1)):
-      rows.append(score(f"{kind} axes {','.join(map(str, axes))}", workdirs, mirror,
-                        sum(minutes)))
+      rows.append(score(f"{'+'.join(sorted(set(kinds)))} axes {','.join(map(str, axes))}",
+                        workdirs, mirror, sum(minutes)))
   rows.append({'model': 'nnU-Net 3d_fullres (5-fold, GPU)', **NNUNET})
   print_table(rows, [('model', 'model', ''), ('mirror_axes', 'mirror', ''),
                      ('dice_anterior', 'Dice ant', '.4f'), ('dice_posterior', 'Dice post', '.4f'),
