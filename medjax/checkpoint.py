@@ -10,6 +10,7 @@ falls back to the newest intact one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -79,6 +80,37 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Dict[str, 
   manager.wait_until_finished()
 
 
+# State fields added after checkpoints had been written without them (medjax's TrainState):
+# such a checkpoint still restores where the field holds no arrays.
+ADDED_FIELDS = ('loss_state',)
+
+
+def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
+  """Orbax's restore of (state, meta); a checkpoint that predates an :data:`ADDED_FIELDS`
+  field restores into a state whose field is empty (it keeps its empty value)."""
+  def restore_into(target):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+  try:
+    return restore_into(abstract_state)
+  except ValueError:
+    added = [f.name for f in dataclasses.fields(abstract_state)
+             if f.name in ADDED_FIELDS and not jax.tree.leaves(getattr(abstract_state, f.name))
+             ] if dataclasses.is_dataclass(abstract_state) else []
+    if not added:
+      raise
+    older = {f.name: getattr(abstract_state, f.name)
+             for f in dataclasses.fields(abstract_state) if f.name not in added}
+    try:
+      state, meta = restore_into(older)
+    except ValueError:
+      pass
+    else:
+      return abstract_state.replace(**state), meta
+    raise
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   """Restores (state, meta) at ``step`` onto the shardings in ``abstract_state``.
 
@@ -88,8 +120,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   """
   where = os.path.join(str(manager.directory), str(step))
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    state, meta = _restore_state(manager, step, abstract_state)
   except ValueError as e:
     if 'do not match' not in str(e) and 'structure' not in str(e):
       raise CorruptCheckpoint(f'{where}: unreadable ({type(e).__name__}: {e})') from None
@@ -100,11 +131,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   except Exception as e:  # noqa: BLE001 (tensorstore, OS and decoding errors alike)
     raise CorruptCheckpoint(f'{where}: unreadable ({type(e).__name__}: {str(e)[:300]})'
                             ) from None
-  expected = (restored['meta'] or {}).get('state_sha256')
-  if expected is not None and state_digest(restored['state']) != expected:
+  expected = (meta or {}).get('state_sha256')
+  if expected is not None and state_digest(state) != expected:
     raise CorruptCheckpoint(f'{where}: its state differs from the one saved (SHA-256 '
                             'mismatch: damaged bytes)')
-  return restored['state'], restored['meta']
+  return state, meta
 
 
 def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state: Any

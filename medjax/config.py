@@ -106,6 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.semi.class_balance = True         # self_training: pseudo-labels follow the labelled prior
   c.semi.unlabeled_ratio = 2          # fixmatch, mean_teacher: unlabelled per labelled in a step
   c.semi.weight = 1.0                 # fixmatch, mean_teacher: weight of the unlabelled loss
+  c.semi.threshold_mode = 'fixed'     # fixmatch: 'fixed' (semi.threshold) or 'self_adaptive'
+  c.semi.threshold_momentum = 0.99    # self_adaptive: running-average momentum (FreeMatch)
   c.semi.distribution_alignment = False  # fixmatch: align p_weak to the labelled class prior
   c.semi.ema_decay = 0.99             # mean_teacher: the teacher's parameter average
   c.semi.noise_std = 0.1              # mean_teacher: Gaussian input noise, student and teacher

@@ -23,7 +23,11 @@ labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
   (>= ``semi.threshold``), its arg-max is the target of the strong view's cross-entropy:
   ``loss = CE(labelled) + semi.weight * mean_u(mask * CE(strong, pseudo-label))``. One
   forward pass over labelled + weak + strong images (batch statistics over all of them, as
-  in the paper); the pseudo-labels are not differentiated.
+  in the paper); the pseudo-labels are not differentiated. With
+  ``semi.threshold_mode='self_adaptive'`` the threshold is FreeMatch's (Wang et al. 2023)
+  instead of ``semi.threshold``: per class, from running averages of the model's confidence
+  on the unlabelled images (``semi.threshold_momentum``), carried in
+  ``TrainState.loss_state`` (:func:`adaptive_thresholds`).
 
 Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled training
 *cases*; the rest are read as images only):
@@ -57,6 +61,7 @@ from medjax.data import few_labels
 
 CLASSIFICATION_METHODS = ('none', 'fixmatch', 'self_training')
 SEGMENTATION_METHODS = ('none', 'mean_teacher')
+THRESHOLD_MODES = ('fixed', 'self_adaptive')
 
 
 def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool) -> str:
@@ -79,6 +84,14 @@ def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool)
   if method == 'self_training' and not cfg.teacher:
     raise ValueError('semi.method=self_training needs semi.teacher: the workdir of a run '
                      'trained on the labelled part')
+  if cfg.threshold_mode not in THRESHOLD_MODES:
+    raise ValueError(f"unknown semi.threshold_mode '{cfg.threshold_mode}'; expected one of "
+                     f"{', '.join(THRESHOLD_MODES)}")
+  if cfg.threshold_mode != 'fixed' and method != 'fixmatch':
+    raise ValueError(f'semi.threshold_mode={cfg.threshold_mode} is for semi.method=fixmatch '
+                     f'(its per-step thresholds); {method} uses semi.threshold')
+  if not 0.0 <= cfg.threshold_momentum < 1.0:
+    raise ValueError(f'semi.threshold_momentum must be in [0, 1), got {cfg.threshold_momentum}')
   if method in ('fixmatch', 'mean_teacher') and cfg.unlabeled_ratio < 1:
     raise ValueError(f'semi.unlabeled_ratio must be >= 1, got {cfg.unlabeled_ratio}')
   return method
@@ -128,6 +141,30 @@ def align_distribution(probabilities: jax.Array, class_prior: jax.Array) -> jax.
   return aligned / jnp.sum(aligned, axis=-1, keepdims=True)
 
 
+def pseudo_label_probabilities(task: str, weak_logits: jax.Array,
+                               class_prior: Optional[jax.Array] = None) -> jax.Array:
+  """The weak view's class probabilities ``[U, K]``, not differentiated (pseudo-labels are
+  targets); with ``class_prior`` ``[K]``, distribution-aligned (:func:`align_distribution`)."""
+  probabilities = jax.lax.stop_gradient(tasks.scores_from_logits(task, weak_logits))
+  if class_prior is not None:
+    probabilities = align_distribution(probabilities, class_prior)
+  return probabilities
+
+
+def masked_consistency(probabilities: jax.Array, strong_logits: jax.Array, threshold,
+                       per_example_loss: Callable[[jax.Array, jax.Array], jax.Array]
+                       ) -> Tuple[jax.Array, jax.Array]:
+  """``mean_u(1[max p >= threshold[argmax p]] * l(strong, argmax p))`` (averaged over all
+  unlabelled images, as in FixMatch) and the fraction of images kept. ``probabilities``
+  ``[U, K]`` of the weak view; ``threshold`` a number, or one per class ``[K]`` (applied by
+  each image's pseudo-label)."""
+  pseudo = jnp.argmax(probabilities, axis=-1)
+  thresholds = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), probabilities.shape[-1:])
+  mask = (jnp.max(probabilities, axis=-1) >= thresholds[pseudo]).astype(jnp.float32)
+  losses = per_example_loss(strong_logits, pseudo)
+  return jnp.mean(losses * mask), jnp.mean(mask)
+
+
 def consistency_loss(task: str, weak_logits: jax.Array, strong_logits: jax.Array,
                      threshold: float,
                      per_example_loss: Callable[[jax.Array, jax.Array], jax.Array],
@@ -137,13 +174,34 @@ def consistency_loss(task: str, weak_logits: jax.Array, strong_logits: jax.Array
   p_weak))`` (averaged over all unlabelled images, as in the paper), and the fraction of
   images above the threshold. ``p_weak`` is not differentiated; with ``class_prior``
   ``[K]`` it is first distribution-aligned (:func:`align_distribution`)."""
-  probabilities = jax.lax.stop_gradient(tasks.scores_from_logits(task, weak_logits))
-  if class_prior is not None:
-    probabilities = align_distribution(probabilities, class_prior)
-  mask = (jnp.max(probabilities, axis=-1) >= threshold).astype(jnp.float32)
-  pseudo = jnp.argmax(probabilities, axis=-1)
-  losses = per_example_loss(strong_logits, pseudo)
-  return jnp.mean(losses * mask), jnp.mean(mask)
+  return masked_consistency(pseudo_label_probabilities(task, weak_logits, class_prior),
+                            strong_logits, threshold, per_example_loss)
+
+
+# ----- FreeMatch's self-adaptive thresholds -------------------------------------------------
+def adaptive_threshold_state(num_classes: int) -> Dict[str, jax.Array]:
+  """FreeMatch's running statistics before the first step: the unlabelled images' mean top
+  probability (``confidence``, the global threshold) and their mean probability of each
+  class (``class_probability`` ``[K]``), both ``1 / K`` as in the paper."""
+  return {'confidence': jnp.full((), 1.0 / num_classes, jnp.float32),
+          'class_probability': jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)}
+
+
+def adaptive_thresholds(state: Dict[str, jax.Array], probabilities: jax.Array,
+                        momentum: float) -> Tuple[Dict[str, jax.Array], jax.Array]:
+  """FreeMatch's self-adaptive thresholds (Wang et al. 2023, eqs. 6-9): moves the running
+  mean top probability ``tau`` and mean class probabilities ``p~`` ``[K]`` towards this
+  step's unlabelled batch (``x <- momentum x + (1 - momentum) batch mean``), then class
+  ``c``'s threshold is ``tau * p~_c / max_k p~_k``. The threshold starts low (``1 / K``) and
+  rises as the model grows confident; a class the model predicts less gets a lower one.
+  ``probabilities`` ``[U, K]`` of the weak view. Returns (new state, thresholds ``[K]``)."""
+  keep = jnp.float32(momentum)
+  new = {'confidence': keep * state['confidence'] +
+                       (1 - keep) * jnp.mean(jnp.max(probabilities, axis=-1)),
+         'class_probability': keep * state['class_probability'] +
+                              (1 - keep) * jnp.mean(probabilities, axis=0)}
+  relative = new['class_probability'] / jnp.max(new['class_probability'])
+  return new, new['confidence'] * relative
 
 
 # ----- self-training ------------------------------------------------------------------------

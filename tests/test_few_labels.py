@@ -172,6 +172,76 @@ def test_fixmatch_loss_against_numpy():
   np.testing.assert_allclose(float(mask_rate), mask.mean())
 
 
+def _softmax(logits):
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  return p / p.sum(1, keepdims=True)
+
+
+def test_self_adaptive_thresholds_against_numpy():
+  """FreeMatch: running means of the top probability and of each class's probability, moved
+  towards every batch; class c's threshold is tau * p~_c / max p~; the mask reads each
+  image's threshold by its pseudo-label."""
+  rng = np.random.default_rng(1)
+  momentum, k = 0.9, 3
+  state = semi.adaptive_threshold_state(k)
+  tau, class_p = 1 / k, np.full(k, 1 / k)
+  for _ in range(4):
+    p = _softmax(rng.normal(0, 2, (10, k)) + [1.0, 0.0, -1.0])
+    state, thresholds = semi.adaptive_thresholds(state, jnp.asarray(p, jnp.float32), momentum)
+    tau = momentum * tau + (1 - momentum) * p.max(1).mean()
+    class_p = momentum * class_p + (1 - momentum) * p.mean(0)
+    np.testing.assert_allclose(np.asarray(thresholds), tau * class_p / class_p.max(),
+                               rtol=1e-5)
+  np.testing.assert_allclose(float(state['confidence']), tau, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(state['class_probability']), class_p, rtol=1e-5)
+  assert np.argmin(np.asarray(thresholds)) == 2   # the least-predicted class: the lowest
+
+  p = _softmax(rng.normal(0, 2, (40, k)))
+  strong = rng.normal(0, 1, (40, k)).astype(np.float32)
+  per_class = np.array([0.5, 0.9, 0.7], np.float32)
+  ce = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y)  # noqa
+  loss, rate = semi.masked_consistency(jnp.asarray(p, jnp.float32), jnp.asarray(strong),
+                                       jnp.asarray(per_class), ce)
+  mask = p.max(1) >= per_class[p.argmax(1)]
+  assert not any(np.array_equal(mask, p.max(1) >= t) for t in per_class)
+  log_q = np.log(_softmax(strong))
+  np.testing.assert_allclose(float(loss), (-log_q[np.arange(40), p.argmax(1)] * mask).mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(rate), mask.mean())
+
+
+def test_self_adaptive_fixmatch_checkpoints_its_thresholds_and_resumes_exactly(tmp_path):
+  c = _config('data.labeled_fraction=0.1', 'semi.method=fixmatch',
+              'semi.threshold_mode=self_adaptive', 'semi.threshold_momentum=0.9',
+              'train.num_epochs=1', 'train.log_every_steps=1', 'model.features=(4, 8)',
+              'model.hidden=8')
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  train_lib.train_and_evaluate(c, full)
+  c.train.stop_after_steps = 3
+  assert train_lib.train_and_evaluate(c, resumed) == {'stopped_at_step': 3}
+  c.train.stop_after_steps = 0
+  train_lib.train_and_evaluate(c, resumed)
+
+  def records(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [{k: v for k, v in json.loads(line).items() if k != 'images_per_sec'}
+              for line in f]
+
+  assert records(resumed) == records(full)
+  exp, state = train_lib.restore_workdir(full)[:2]
+  stats = jax.device_get(state.loss_state)
+  # 8 steps moved the statistics off their start (1/K) and they are still probabilities.
+  assert 1 / 3 < stats['confidence'] <= 1
+  assert not np.allclose(stats['class_probability'], 1 / 3)
+  np.testing.assert_allclose(stats['class_probability'].sum(), 1, rtol=1e-5)
+  with pytest.raises(ValueError, match='threshold_mode=self_adaptive is for semi.method=fixm'):
+    make_experiment(_config('data.labeled_fraction=0.1', 'semi.method=self_training',
+                            'semi.teacher=x', 'semi.threshold_mode=self_adaptive'))
+  with pytest.raises(ValueError, match="unknown semi.threshold_mode 'flex'"):
+    make_experiment(_config('data.labeled_fraction=0.1', 'semi.method=fixmatch',
+                            'semi.threshold_mode=flex'))
+
+
 def test_fixmatch_outputs_split_per_process_block():
   # 2 processes, each [labelled 2; weak 3; strong 3]: rows numbered by role.
   block = np.array([0, 0, 1, 1, 1, 2, 2, 2])

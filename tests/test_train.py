@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
+import flax.struct
 import jax
 import ml_collections
 import numpy as np
@@ -167,6 +169,39 @@ def test_nan_parameters_with_finite_losses_are_never_saved(tmp_path, monkeypatch
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert max(r['step'] for r in records if r['split'] == 'val') == 8
+
+
+@flax.struct.dataclass
+class OlderTrainState:
+  """medjax's TrainState before ``loss_state`` was added."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  dropout_key: jax.Array
+
+
+def test_a_checkpoint_written_before_the_loss_state_field_still_restores(tmp_path):
+  """Checkpoints from before ``TrainState.loss_state`` existed restore into a state whose
+  loss keeps no statistics; a loss that does keep some refuses them (its statistics are
+  not in the checkpoint)."""
+  config = config_lib.load_config_file('configs/quickstart.py:runlocal')
+  exp = ClassificationExperiment(config_lib.resolve(config), load_data(config))
+  state = exp.init_state()
+  older = OlderTrainState(**{name: getattr(state, name) for name in (
+      'step', 'params', 'batch_stats', 'opt_state', 'dropout_key')})
+  manager = checkpoint.make_manager(str(tmp_path), 1, 'auc', 'max')
+  checkpoint.save(manager, 5, older, {'step': 5})
+  restored, meta = checkpoint.restore(manager, 5, exp.abstract_state())
+  assert meta['step'] == 5 and restored.loss_state == {}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+               jax.device_get(state.params))
+  stateful = config_lib.apply_overrides(config_lib.load_config_file(
+      'configs/quickstart.py:runlocal'), ['data.labeled_fraction=0.5', 'semi.method=fixmatch',
+                                          'semi.threshold_mode=self_adaptive'])
+  exp = ClassificationExperiment(config_lib.resolve(stateful), load_data(stateful))
+  with pytest.raises(ValueError, match='does not fit this config'):
+    checkpoint.restore(manager, 5, exp.abstract_state())
 
 
 def test_a_loss_far_above_its_start_is_reported(tmp_path, capsys):

@@ -14,6 +14,10 @@ and implements:
                             jit-compiled train step)
 ``train_inputs(...)``       optional: model inputs and loss targets derived from a batch
                             inside the step (e.g. a mean teacher's predictions)
+``init_loss_state()``       optional: statistics the loss carries from step to step (a
+``loss_with_state(...)``    pytree in ``TrainState.loss_state``, checkpointed with it; e.g.
+                            FreeMatch's confidence averages) and the loss that reads and
+                            updates them
 ``optimizer()``             optional: wraps the configured optimizer
 ``train_iterator(start)``   ``(images, labels)`` numpy batches of this process from step
                             ``start`` on, deterministic from the seed
@@ -58,6 +62,8 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   dropout_key: jax.Array
+  # Statistics the loss carries between steps (Experiment.init_loss_state); {} for most.
+  loss_state: Any = flax.struct.field(default_factory=dict)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -137,6 +143,17 @@ class Experiment:
       tx = optim.with_parameter_ema(tx, self.config.optimizer.ema_decay)
     return tx
 
+  def init_loss_state(self) -> Any:
+    """The initial statistics a stateful loss carries from step to step (a pytree of
+    arrays; default ``{}``: the loss is a function of the batch alone)."""
+    return {}
+
+  def loss_with_state(self, outputs, labels, loss_state) -> Tuple[jax.Array, Any]:
+    """(scalar loss, updated ``loss_state``) of a batch; a task whose loss keeps running
+    statistics overrides this (and :meth:`init_loss_state`). The updated statistics are
+    not differentiated. Default: :meth:`loss`, the state passed through."""
+    return self.loss(outputs, labels), loss_state
+
   def train_inputs(self, state: TrainState, images, labels, key: jax.Array):
     """What the model trains on and what ``loss`` compares it with, from a batch, inside
     the compiled step and outside the gradient (a task may derive targets from the state,
@@ -156,7 +173,8 @@ class Experiment:
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
-                      opt_state=self.tx.init(params), dropout_key=dropout_key)
+                      opt_state=self.tx.init(params), dropout_key=dropout_key,
+                      loss_state=self.init_loss_state())
 
   def init_state(self) -> TrainState:
     """Fresh state, created directly on the replicated sharding (no host copy to alias)."""
@@ -213,14 +231,16 @@ class Experiment:
       outputs, updates = self.model.apply(
           variables, images, train=True, rngs={'dropout': dropout_key},
           mutable=['batch_stats'] if has_bn else [])
-      return self.loss(outputs, labels), updates
+      loss, loss_state = self.loss_with_state(outputs, labels, state.loss_state)
+      return loss, (updates, jax.lax.stop_gradient(loss_state))
 
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (updates, loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=updates.get('batch_stats', state.batch_stats),
-                              opt_state=opt_state)
+                              opt_state=opt_state, loss_state=loss_state)
     return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
   def global_array(self, local: np.ndarray) -> jax.Array:

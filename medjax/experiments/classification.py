@@ -167,24 +167,36 @@ class ClassificationExperiment(Experiment):
         label_smoothing=self.config.loss.label_smoothing)
 
   def loss(self, outputs, labels):
-    if self.semi_method == 'fixmatch':
-      return self._fixmatch_loss(outputs, labels)
+    """The supervised loss of a labelled batch (``loss.name``, class weights)."""
     per_example, weights = self._per_example_loss(outputs, labels)
     return losses.weighted_mean(per_example, weights)
 
-  def _fixmatch_loss(self, outputs, labels):
-    labeled, weak, strong = semi.split_outputs(outputs, labels.shape[0],
-                                               jax.process_count())
-    per_example, weights = self._per_example_loss(labeled, labels)
+  def init_loss_state(self):
+    if self.semi_method == 'fixmatch' and self.config.semi.threshold_mode == 'self_adaptive':
+      return semi.adaptive_threshold_state(self.num_outputs)
+    return {}
+
+  def loss_with_state(self, outputs, labels, loss_state):
+    """FixMatch: ``CE(labelled) + semi.weight * consistency(weak -> strong)``, the threshold
+    fixed or self-adaptive (updated in ``loss_state``); otherwise :meth:`loss`."""
+    if self.semi_method != 'fixmatch':
+      return self.loss(outputs, labels), loss_state
+    cfg = self.config.semi
+    labeled, weak, strong = semi.split_outputs(outputs, labels.shape[0], jax.process_count())
     prior = None
-    if self.config.semi.distribution_alignment:
+    if cfg.distribution_alignment:
       counts = np.bincount(np.asarray(self.data.splits['train'][1]).reshape(-1),
                            minlength=self.data.num_classes).astype(np.float32)
       prior = counts / counts.sum()
-    unlabeled_loss, _ = semi.consistency_loss(
-        self.task, weak, strong, self.config.semi.threshold,
-        lambda logits, pseudo: self._per_example_loss(logits, pseudo)[0], prior)
-    return losses.weighted_mean(per_example, weights) + self.config.semi.weight * unlabeled_loss
+    probabilities = semi.pseudo_label_probabilities(self.task, weak, prior)
+    threshold = cfg.threshold
+    if cfg.threshold_mode == 'self_adaptive':
+      loss_state, threshold = semi.adaptive_thresholds(loss_state, probabilities,
+                                                       cfg.threshold_momentum)
+    unlabeled_loss, _ = semi.masked_consistency(
+        probabilities, strong, threshold,
+        lambda logits, pseudo: self._per_example_loss(logits, pseudo)[0])
+    return self.loss(labeled, labels) + cfg.weight * unlabeled_loss, loss_state
 
   def _eval_step_impl(self, state: TrainState, images, labels):
     logits = self.model.apply(self.variables(state), images, train=False)
