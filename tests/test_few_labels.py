@@ -540,3 +540,29 @@ def test_mean_teacher_run_resumes_exactly(tmp_path):
   assert records(resumed) == records(full)
   with open(os.path.join(full, 'split.json')) as f:
     assert len(json.load(f)['unlabeled']) == 4
+
+
+def test_segmentation_self_training_trains_on_the_teachers_label_maps(tmp_path):
+  """The student's sampler holds the unlabelled cases with the teacher's arg-max label maps
+  (computed here independently), the data fingerprint names the teacher, and a teacher
+  trained on other labelled cases (it would carry their labels) is refused."""
+  teacher_dir = str(tmp_path / 'teacher')
+  c = _seg_config(tmp_path, 'train.num_epochs=1')
+  train_lib.train_and_evaluate(c, teacher_dir)
+  student_config = _seg_config(tmp_path, 'semi.method=self_training', 'train.num_epochs=1',
+                               f'semi.teacher={teacher_dir}')
+  student = make_experiment(student_config)
+  teacher, state = train_lib.restore_workdir(teacher_dir)[:2]
+  unlabeled = student.data.splits['unlabeled']
+  assert len(unlabeled) == 4 and set(student.sampler.case_ids) == set(
+      student.data.splits['train']) | set(unlabeled)
+  for case in unlabeled:
+    expected = np.argmax(teacher.predict_prepared(state, teacher.cases[case][0]), axis=-1)
+    np.testing.assert_array_equal(student.sampler.cases[case][1], expected)
+  assert student.run_files()['data_fingerprint.json']['pseudo_labels']['teacher'] == (
+      os.path.abspath(teacher_dir))
+  results = train_lib.train_and_evaluate(student_config, str(tmp_path / 'student'))
+  assert 0 <= results['val']['dice'] <= 1
+  with pytest.raises(ValueError, match='not labelled in this run'):
+    make_experiment(_seg_config(tmp_path, 'semi.method=self_training', 'data.labeled_seed=5',
+                                f'semi.teacher={teacher_dir}'))

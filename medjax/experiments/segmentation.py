@@ -158,8 +158,12 @@ class SegmentationExperiment(Experiment):
                        'data.slice_axis set (2D slices)')
     # 2.5D: each slice's neighbours join it as channels, [*slice, (2k+1) C].
     channels = self.image_channels * (2 * self.slice_context + 1)
+    training_cases = {c: self.cases[c] for c in split['train']}
+    self.pseudo_info = None
+    if self.semi_method == 'self_training':
+      training_cases.update(self._pseudo_labelled_cases(split))
     self.sampler = SegmentationSampler(
-        {c: self.cases[c] for c in split['train']}, self.patch_size, config.train.batch_size,
+        training_cases, self.patch_size, config.train.batch_size,
         seed=config.seed, foreground_fraction=cfg.foreground_fraction,
         augment=SegAugment(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                               for k, v in cfg.seg_augment.to_dict().items()}),
@@ -178,6 +182,19 @@ class SegmentationExperiment(Experiment):
     self.setup(num_outputs=self.num_classes, input_shape=self.patch_size + (channels,),
                steps_per_epoch=steps)
     self._predict = jax.jit(self._predict_impl)
+
+  def _pseudo_labelled_cases(self, split) -> Dict[str, Tuple]:
+    """Self-training: the unlabelled cases with the teacher's label maps (and their class
+    locations, for the sampler's foreground oversampling)."""
+    labels, self.pseudo_info = semi.segmentation_pseudo_labels(
+        self.config.semi, self.config.seed, self, split)
+    rng = np.random.default_rng(self.config.seed)
+    cases = {c: (self.cases[c][0], label,
+                 prepare.class_locations(label, self.num_classes, rng))
+             for c, label in labels.items()}
+    print(f"Self-training: {len(cases)} unlabelled cases pseudo-labelled by "
+          f"{self.pseudo_info['teacher']}")
+    return cases
 
   # ----- training ----------------------------------------------------------------------
   def optimizer(self):
@@ -365,6 +382,8 @@ class SegmentationExperiment(Experiment):
                    'target_spacing_mm': prepared.target_spacing, 'prepare_options':
                    prepared.options, 'summary': prepared.fingerprint,
                    'split': {k: len(v) for k, v in self.data.splits.items()}}
+    if self.pseudo_info is not None:
+      fingerprint['pseudo_labels'] = self.pseudo_info
     return {'split.json': self.data.splits, 'data_fingerprint.json': fingerprint}
 
 
