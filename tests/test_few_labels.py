@@ -172,6 +172,25 @@ def test_fixmatch_loss_against_numpy():
   np.testing.assert_allclose(float(mask_rate), mask.mean())
 
 
+def _assert_resumes_exactly(c, tmp_path, stop_at: int) -> str:
+  """Trains ``c`` whole and, in another workdir, stopped at step ``stop_at`` then resumed:
+  every logged record but the speed is equal. Returns the whole run's workdir."""
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  train_lib.train_and_evaluate(c, full)
+  c.train.stop_after_steps = stop_at
+  assert train_lib.train_and_evaluate(c, resumed) == {'stopped_at_step': stop_at}
+  c.train.stop_after_steps = 0
+  train_lib.train_and_evaluate(c, resumed)
+
+  def records(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [{k: v for k, v in json.loads(line).items() if k != 'images_per_sec'}
+              for line in f]
+
+  assert records(resumed) == records(full)
+  return full
+
+
 def _softmax(logits):
   p = np.exp(logits - logits.max(1, keepdims=True))
   return p / p.sum(1, keepdims=True)
@@ -215,19 +234,7 @@ def test_self_adaptive_fixmatch_checkpoints_its_thresholds_and_resumes_exactly(t
               'semi.threshold_mode=self_adaptive', 'semi.threshold_momentum=0.9',
               'train.num_epochs=1', 'train.log_every_steps=1', 'model.features=(4, 8)',
               'model.hidden=8')
-  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
-  train_lib.train_and_evaluate(c, full)
-  c.train.stop_after_steps = 3
-  assert train_lib.train_and_evaluate(c, resumed) == {'stopped_at_step': 3}
-  c.train.stop_after_steps = 0
-  train_lib.train_and_evaluate(c, resumed)
-
-  def records(workdir):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      return [{k: v for k, v in json.loads(line).items() if k != 'images_per_sec'}
-              for line in f]
-
-  assert records(resumed) == records(full)
+  full = _assert_resumes_exactly(c, tmp_path, stop_at=3)
   exp, state = train_lib.restore_workdir(full)[:2]
   stats = jax.device_get(state.loss_state)
   # 8 steps moved the statistics off their start (1/K) and they are still probabilities.
@@ -524,20 +531,7 @@ def test_mean_teacher_never_reads_the_labels_of_unlabelled_cases(tmp_path, monke
 
 def test_mean_teacher_run_resumes_exactly(tmp_path):
   c = _seg_config(tmp_path, 'semi.method=mean_teacher')
-  full = str(tmp_path / 'full')
-  train_lib.train_and_evaluate(c, full)
-  resumed = str(tmp_path / 'resumed')
-  c.train.stop_after_steps = 4
-  assert train_lib.train_and_evaluate(c, resumed) == {'stopped_at_step': 4}
-  c.train.stop_after_steps = 0
-  train_lib.train_and_evaluate(c, resumed)
-
-  def records(workdir):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      return [{k: v for k, v in json.loads(line).items() if k != 'images_per_sec'}
-              for line in f]
-
-  assert records(resumed) == records(full)
+  full = _assert_resumes_exactly(c, tmp_path, stop_at=4)
   with open(os.path.join(full, 'split.json')) as f:
     assert len(json.load(f)['unlabeled']) == 4
 
