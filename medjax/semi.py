@@ -177,19 +177,6 @@ def masked_consistency(probabilities: jax.Array, strong_logits: jax.Array, thres
   return jnp.mean(losses * mask), jnp.mean(mask)
 
 
-def consistency_loss(task: str, weak_logits: jax.Array, strong_logits: jax.Array,
-                     threshold: float,
-                     per_example_loss: Callable[[jax.Array, jax.Array], jax.Array],
-                     class_prior: Optional[jax.Array] = None
-                     ) -> Tuple[jax.Array, jax.Array]:
-  """FixMatch's unlabelled loss: ``mean_u(1[max p_weak >= threshold] * l(strong, argmax
-  p_weak))`` (averaged over all unlabelled images, as in the paper), and the fraction of
-  images above the threshold. ``p_weak`` is not differentiated; with ``class_prior``
-  ``[K]`` it is first distribution-aligned (:func:`align_distribution`)."""
-  return masked_consistency(pseudo_label_probabilities(task, weak_logits, class_prior),
-                            strong_logits, threshold, per_example_loss)
-
-
 # ----- FreeMatch's self-adaptive thresholds -------------------------------------------------
 def adaptive_threshold_state(num_classes: int) -> Dict[str, jax.Array]:
   """FreeMatch's running statistics before the first step: the unlabelled images' mean top
