@@ -108,9 +108,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.semi.weight = 1.0                 # fixmatch, mean_teacher: weight of the unlabelled loss
   c.semi.threshold_mode = 'fixed'     # fixmatch: 'fixed' (semi.threshold) or 'self_adaptive'
   c.semi.threshold_momentum = 0.99    # self_adaptive: running-average momentum (FreeMatch)
-  c.semi.pseudo_labeler = 'model'     # fixmatch: 'model' or 'ema' (semi.ema_decay average)
   c.semi.distribution_alignment = False  # fixmatch: align p_weak to the labelled class prior
-  c.semi.ema_decay = 0.99             # mean_teacher, pseudo_labeler=ema: the teacher's average
+  c.semi.ema_decay = 0.99             # mean_teacher: the teacher's parameter average
   c.semi.noise_std = 0.1              # mean_teacher: Gaussian input noise, student and teacher
   c.semi.ramp_up_fraction = 0.25      # mean_teacher: consistency weight's sigmoid ramp-up
   # fixmatch: strong augmentation of the unlabelled images (the weak one is data.augment).

@@ -27,9 +27,7 @@ labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
   ``semi.threshold_mode='self_adaptive'`` the threshold is FreeMatch's (Wang et al. 2023)
   instead of ``semi.threshold``: per class, from running averages of the model's confidence
   on the unlabelled images (``semi.threshold_momentum``), carried in
-  ``TrainState.loss_state`` (:func:`adaptive_thresholds`). With
-  ``semi.pseudo_labeler='ema'`` the weak views are predicted by the parameters' moving
-  average (``semi.ema_decay``, a mean teacher) instead of the model itself.
+  ``TrainState.loss_state`` (:func:`adaptive_thresholds`).
 
 Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled training
 *cases*; the rest are read as images only):
@@ -68,7 +66,6 @@ from medjax.data import few_labels
 CLASSIFICATION_METHODS = ('none', 'fixmatch', 'self_training')
 SEGMENTATION_METHODS = ('none', 'mean_teacher', 'self_training')
 THRESHOLD_MODES = ('fixed', 'self_adaptive')
-PSEUDO_LABELERS = ('model', 'ema')
 
 
 def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool) -> str:
@@ -97,11 +94,6 @@ def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool)
   if cfg.threshold_mode != 'fixed' and method != 'fixmatch':
     raise ValueError(f'semi.threshold_mode={cfg.threshold_mode} is for semi.method=fixmatch '
                      f'(its per-step thresholds); {method} uses semi.threshold')
-  if cfg.pseudo_labeler not in PSEUDO_LABELERS:
-    raise ValueError(f"unknown semi.pseudo_labeler '{cfg.pseudo_labeler}'; expected one of "
-                     f"{', '.join(PSEUDO_LABELERS)}")
-  if cfg.pseudo_labeler != 'model' and method != 'fixmatch':
-    raise ValueError(f'semi.pseudo_labeler={cfg.pseudo_labeler} is for semi.method=fixmatch')
   if not 0.0 <= cfg.threshold_momentum < 1.0:
     raise ValueError(f'semi.threshold_momentum must be in [0, 1), got {cfg.threshold_momentum}')
   if method in ('fixmatch', 'mean_teacher') and cfg.unlabeled_ratio < 1:

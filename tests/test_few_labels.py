@@ -254,42 +254,6 @@ def test_self_adaptive_fixmatch_checkpoints_its_thresholds_and_resumes_exactly(t
                             'semi.threshold_mode=flex'))
 
 
-def test_fixmatch_pseudo_labels_from_the_parameter_average():
-  """semi.pseudo_labeler=ema: the weak views' pseudo-labels come from the parameters'
-  moving average (inference mode), and the loss reads them."""
-  c = _config('data.labeled_fraction=0.1', 'semi.method=fixmatch', 'semi.pseudo_labeler=ema',
-              'semi.threshold=0.9')
-  exp = make_experiment(c)
-  state = exp.init_state()
-  ema = jax.tree.map(lambda p: p * 3.0, state.params)
-  state = state.replace(opt_state=state.opt_state._replace(ema=ema))
-  images, labels = next(iter(exp.train_iterator(0)))
-  n, u = len(labels), (len(images) - len(labels)) // 2
-  kept, targets = exp.train_inputs(state, jnp.asarray(images), jnp.asarray(labels),
-                                   jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(np.asarray(kept), images)
-  np.testing.assert_array_equal(np.asarray(targets['labels']), labels)
-  weak = jnp.asarray(images[n:n + u])
-  teacher = exp.model.apply(exp.apply_variables(ema, state.batch_stats), weak, train=False)
-  model = exp.model.apply(exp.variables(state), weak, train=False)
-  np.testing.assert_allclose(np.asarray(targets['teacher_logits']), np.asarray(teacher),
-                             rtol=1e-5, atol=1e-6)
-  assert not np.allclose(np.asarray(teacher), np.asarray(model))
-  # A teacher sure of class 2 for every image: the unlabelled loss is CE(strong, 2).
-  rng = np.random.default_rng(0)
-  outputs = rng.normal(0, 1, (len(images), 3)).astype(np.float32)
-  sure = np.tile(np.array([[0.0, 0.0, 20.0]], np.float32), (u, 1))
-  loss, _ = exp.loss_with_state(jnp.asarray(outputs), {'labels': jnp.asarray(labels),
-                                                       'teacher_logits': jnp.asarray(sure)}, {})
-  log_q = np.log(_softmax(outputs))
-  expected = (-log_q[np.arange(n), labels].mean() +
-              c.semi.weight * -log_q[n + u:, 2].mean())
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-  with pytest.raises(ValueError, match='pseudo_labeler=ema is for semi.method=fixmatch'):
-    make_experiment(_config('data.labeled_fraction=0.1', 'semi.method=self_training',
-                            'semi.teacher=x', 'semi.pseudo_labeler=ema'))
-
-
 def test_fixmatch_outputs_split_per_process_block():
   # 2 processes, each [labelled 2; weak 3; strong 3]: rows numbered by role.
   block = np.array([0, 0, 1, 1, 1, 2, 2, 2])

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from medjax import losses, metrics as metrics_lib, optim, semi, tasks, workdir as workdir_lib
+from medjax import losses, metrics as metrics_lib, semi, tasks, workdir as workdir_lib
 from medjax.data import ClassificationData, few_labels, load_data, pipeline
 from medjax.experiments.base import Experiment, TrainState
 
@@ -176,47 +176,19 @@ class ClassificationExperiment(Experiment):
       return semi.adaptive_threshold_state(self.num_outputs)
     return {}
 
-  def optimizer(self):
-    """The configured optimizer; with FixMatch's pseudo-labels from the parameters' moving
-    average (``semi.pseudo_labeler='ema'``), also that average, in the optimizer state."""
-    tx = super().optimizer()
-    if self.semi_method == 'fixmatch' and self.config.semi.pseudo_labeler == 'ema':
-      if self.config.optimizer.ema_decay:
-        raise ValueError('semi.pseudo_labeler=ema keeps its own average of the parameters '
-                         '(semi.ema_decay): set optimizer.ema_decay=0')
-      tx = optim.with_parameter_ema(tx, self.config.semi.ema_decay)
-    return tx
-
-  def train_inputs(self, state, images, labels, key):
-    """FixMatch with ``semi.pseudo_labeler='ema'``: the parameters' moving average (a mean
-    teacher, batch statistics frozen) predicts the weak views; its logits travel with the
-    labels to the loss. The model still sees every row, so its batch statistics are
-    FixMatch's."""
-    if self.semi_method != 'fixmatch' or self.config.semi.pseudo_labeler != 'ema':
-      return images, labels
-    _, weak, _ = semi.split_outputs(images, labels.shape[0], jax.process_count())
-    teacher = self.model.apply(self.apply_variables(state.opt_state.ema, state.batch_stats),
-                               weak, train=False)
-    return images, {'labels': labels, 'teacher_logits': teacher}
-
   def loss_with_state(self, outputs, labels, loss_state):
     """FixMatch: ``CE(labelled) + semi.weight * consistency(weak -> strong)``, the threshold
-    fixed or self-adaptive (updated in ``loss_state``), the weak view predicted by the model
-    or its moving average; otherwise :meth:`loss`."""
+    fixed or self-adaptive (updated in ``loss_state``); otherwise :meth:`loss`."""
     if self.semi_method != 'fixmatch':
       return self.loss(outputs, labels), loss_state
     cfg = self.config.semi
-    teacher = None
-    if isinstance(labels, dict):
-      teacher, labels = labels['teacher_logits'], labels['labels']
     labeled, weak, strong = semi.split_outputs(outputs, labels.shape[0], jax.process_count())
     prior = None
     if cfg.distribution_alignment:
       counts = np.bincount(np.asarray(self.data.splits['train'][1]).reshape(-1),
                            minlength=self.data.num_classes).astype(np.float32)
       prior = counts / counts.sum()
-    probabilities = semi.pseudo_label_probabilities(
-        self.task, weak if teacher is None else teacher, prior)
+    probabilities = semi.pseudo_label_probabilities(self.task, weak, prior)
     threshold = cfg.threshold
     if cfg.threshold_mode == 'self_adaptive':
       loss_state, threshold = semi.adaptive_thresholds(loss_state, probabilities,
