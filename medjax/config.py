@@ -104,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.semi.teacher = ''                 # self_training: the teacher's workdir (or seed group)
   c.semi.threshold = 0.95             # confidence a pseudo-label needs
   c.semi.class_balance = True         # self_training: pseudo-labels follow the labelled prior
+  c.semi.labeled_share = 0.5          # segmentation self_training: labelled share of cases drawn
   c.semi.unlabeled_ratio = 2          # fixmatch, mean_teacher: unlabelled per labelled in a step
   c.semi.weight = 1.0                 # fixmatch, mean_teacher: weight of the unlabelled loss
   c.semi.threshold_mode = 'fixed'     # fixmatch: 'fixed' (semi.threshold) or 'self_adaptive'

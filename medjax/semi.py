@@ -281,6 +281,21 @@ def segmentation_pseudo_labels(cfg: ml_collections.ConfigDict, seed: int, exp: A
   return labels, info
 
 
+def with_labeled_share(labeled: Dict[str, Any], pseudo: Dict[str, Any], share: float
+                       ) -> Dict[str, Any]:
+  """The sampler's cases for segmentation self-training: the pseudo-labelled cases and the
+  labelled ones, these repeated (as ``'<id>~<k>'``, the same arrays) so that about
+  ``share`` of the sampled cases are labelled: with 10 labelled and 150 pseudo-labelled
+  cases and ``share`` 0.5, each labelled case 15 times. ``share`` 0: no repetition."""
+  if not 0.0 <= share < 1.0:
+    raise ValueError(f'semi.labeled_share must be in [0, 1), got {share}')
+  copies = max(1, round(share / (1.0 - share) * len(pseudo) / max(len(labeled), 1)))
+  cases = dict(pseudo)
+  for case, value in labeled.items():
+    cases.update({case if k == 0 else f'{case}~{k}': value for k in range(copies)})
+  return cases
+
+
 def confident_per_class(scores: np.ndarray, threshold: float) -> np.ndarray:
   """``[K]``: how many rows of ``scores`` ``[U, K]`` predict each class with at least
   ``threshold``."""

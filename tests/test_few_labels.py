@@ -505,6 +505,17 @@ def test_mean_teacher_run_resumes_exactly(tmp_path):
     assert len(json.load(f)['unlabeled']) == 4
 
 
+def test_labeled_share_repeats_the_labelled_cases():
+  labeled = {f'l{i}': (i,) for i in range(10)}
+  pseudo = {f'p{i}': (i,) for i in range(150)}
+  cases = semi.with_labeled_share(labeled, pseudo, 0.5)
+  assert len(cases) == 150 + 10 * 15 and cases['l3~14'] is labeled['l3']
+  assert len(semi.with_labeled_share(labeled, pseudo, 0.0)) == 160
+  assert len(semi.with_labeled_share(labeled, pseudo, 0.75)) == 150 + 10 * 45
+  with pytest.raises(ValueError, match='labeled_share must be in'):
+    semi.with_labeled_share(labeled, pseudo, 1.0)
+
+
 def test_segmentation_self_training_trains_on_the_teachers_label_maps(tmp_path):
   """The student's sampler holds the unlabelled cases with the teacher's arg-max label maps
   (computed here independently), the data fingerprint names the teacher, and a teacher
@@ -517,8 +528,10 @@ def test_segmentation_self_training_trains_on_the_teachers_label_maps(tmp_path):
   student = make_experiment(student_config)
   teacher, state = train_lib.restore_workdir(teacher_dir)[:2]
   unlabeled = student.data.splits['unlabeled']
-  assert len(unlabeled) == 4 and set(student.sampler.case_ids) == set(
-      student.data.splits['train']) | set(unlabeled)
+  # 2 labelled cases, each twice, and 4 pseudo-labelled: half the cases drawn are labelled.
+  assert len(unlabeled) == 4 and sorted(student.sampler.case_ids) == sorted(
+      [*unlabeled, *student.data.splits['train'],
+       *(f'{c}~1' for c in student.data.splits['train'])])
   for case in unlabeled:
     expected = np.argmax(teacher.predict_prepared(state, teacher.cases[case][0]), axis=-1)
     np.testing.assert_array_equal(student.sampler.cases[case][1], expected)

@@ -161,7 +161,9 @@ class SegmentationExperiment(Experiment):
     training_cases = {c: self.cases[c] for c in split['train']}
     self.pseudo_info = None
     if self.semi_method == 'self_training':
-      training_cases.update(self._pseudo_labelled_cases(split))
+      pseudo = self._pseudo_labelled_cases(split)
+      training_cases = semi.with_labeled_share(training_cases, pseudo,
+                                               config.semi.labeled_share)
     self.sampler = SegmentationSampler(
         training_cases, self.patch_size, config.train.batch_size,
         seed=config.seed, foreground_fraction=cfg.foreground_fraction,
