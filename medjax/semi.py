@@ -35,7 +35,8 @@ Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled t
 * ``'self_training'``: as for classification, with ``semi.teacher`` a segmentation run on
   the labelled cases (same data, fold and ``data.labeled_*``): it predicts every unlabelled
   case (arg-max of its probabilities, every voxel) and those label maps join the labelled
-  cases in this run's sampler (:func:`segmentation_pseudo_labels`).
+  cases in this run's sampler (:func:`segmentation_pseudo_labels`), which draws labelled
+  cases ``semi.labeled_share`` of the time (:func:`with_labeled_share`).
 * ``'mean_teacher'`` (Tarvainen & Valpola 2017; Yu et al. 2019 for segmentation), in one run:
   each step also takes ``semi.unlabeled_ratio`` x batch patches of unlabelled cases; the
   teacher is the exponential moving average of the student's parameters
