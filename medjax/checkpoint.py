@@ -94,7 +94,7 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: An
     return restored['state'], restored['meta']
   try:
     return restore_into(abstract_state)
-  except ValueError:
+  except ValueError as error:
     added = [f.name for f in dataclasses.fields(abstract_state)
              if f.name in ADDED_FIELDS and not jax.tree.leaves(getattr(abstract_state, f.name))
              ] if dataclasses.is_dataclass(abstract_state) else []
@@ -105,10 +105,8 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: An
     try:
       state, meta = restore_into(older)
     except ValueError:
-      pass
-    else:
-      return abstract_state.replace(**state), meta
-    raise
+      raise error from None
+    return abstract_state.replace(**state), meta
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
