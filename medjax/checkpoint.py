@@ -85,6 +85,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Dict[str, 
 ADDED_FIELDS = ('loss_state',)
 
 
+def _is_structure_mismatch(error: ValueError) -> bool:
+  """Orbax's error for a checkpoint whose tree differs from the target's."""
+  return 'do not match' in str(error) or 'structure' in str(error)
+
+
 def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   """Orbax's restore of (state, meta); a checkpoint that predates an :data:`ADDED_FIELDS`
   field restores into a state whose field is empty (it keeps its empty value)."""
@@ -98,7 +103,7 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: An
     added = [f.name for f in dataclasses.fields(abstract_state)
              if f.name in ADDED_FIELDS and not jax.tree.leaves(getattr(abstract_state, f.name))
              ] if dataclasses.is_dataclass(abstract_state) else []
-    if not added:
+    if not added or not _is_structure_mismatch(error):
       raise
     older = {f.name: getattr(abstract_state, f.name)
              for f in dataclasses.fields(abstract_state) if f.name not in added}
@@ -120,7 +125,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   try:
     state, meta = _restore_state(manager, step, abstract_state)
   except ValueError as e:
-    if 'do not match' not in str(e) and 'structure' not in str(e):
+    if not _is_structure_mismatch(e):
       raise CorruptCheckpoint(f'{where}: unreadable ({type(e).__name__}: {e})') from None
     raise ValueError(
         f'checkpoint at step {step} in {manager.directory} does not fit this config: its '
