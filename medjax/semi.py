@@ -35,8 +35,8 @@ Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled t
 * ``'self_training'``: as for classification, with ``semi.teacher`` a segmentation run on
   the labelled cases (same data, fold and ``data.labeled_*``): it predicts every unlabelled
   case (arg-max of its probabilities, every voxel) and those label maps join the labelled
-  cases in this run's sampler (:func:`segmentation_pseudo_labels`), which draws labelled
-  cases ``semi.labeled_share`` of the time (:func:`with_labeled_share`).
+  cases in this run's sampler (``SegmentationExperiment._pseudo_labelled_cases``), which
+  draws labelled cases ``semi.labeled_share`` of the time (:func:`with_labeled_share`).
 * ``'mean_teacher'`` (Tarvainen & Valpola 2017; Yu et al. 2019 for segmentation), in one run:
   each step also takes ``semi.unlabeled_ratio`` x batch patches of unlabelled cases; the
   teacher is the exponential moving average of the student's parameters
@@ -54,7 +54,7 @@ and segmentation's unlabelled sampler reads images only (both tested).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -243,43 +243,6 @@ def pseudo_labels(cfg: ml_collections.ConfigDict, seed: int, exp: Any,
           'class_counts': np.bincount(labels, minlength=scores.shape[1]).tolist(),
           'confident_per_class': confident_per_class(scores, cfg.threshold).tolist()}
   return index, labels.astype(np.asarray(labeled_labels).dtype), info
-
-
-def segmentation_pseudo_labels(cfg: ml_collections.ConfigDict, seed: int, exp: Any,
-                               split: Dict[str, Sequence[str]]
-                               ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-  """Self-training for segmentation: the teacher's label maps ``{case id: [*spatial]}`` (the
-  arg-max of its probabilities, with its own sliding window and mirroring) of the
-  ``split['unlabeled']`` cases, and a description for the run's data fingerprint.
-
-  Every voxel is pseudo-labelled (no confidence threshold: masking voxels out would need an
-  'ignore' label in the Dice loss); the description records the teacher's mean top
-  probability per case. The teacher must have prepared the same data and classes, kept the
-  same validation cases and trained on labelled cases of this run only, so no held-out
-  label and no label of an unlabelled case reaches the student through it.
-  ``exp`` (the student, before its setup) gives ``data`` and ``cases``.
-  """
-  teacher, state, step, workdir = load_teacher(cfg, seed, exp)
-  for what, mine, theirs in (
-      ('preparation options', exp.data.prepared.options, teacher.data.prepared.options),
-      ('case ids', exp.data.prepared.case_ids, teacher.data.prepared.case_ids),
-      ('class names', list(exp.data.class_names), list(teacher.data.class_names)),
-      ('validation cases', sorted(split['val']), sorted(teacher.data.splits['val']))):
-    if mine != theirs:
-      raise ValueError(f'semi.teacher {workdir}: its {what} differ from this run\'s')
-  leaked = sorted(set(teacher.data.splits['train']) - set(split['train']))
-  if leaked:
-    raise ValueError(f'semi.teacher {workdir} trained on {len(leaked)} case(s) that are not '
-                     f'labelled in this run (e.g. {leaked[0]}): its pseudo-labels would carry '
-                     'their labels. Train the teacher with the same data.labeled_* settings')
-  labels, confidence = {}, {}
-  for case in split['unlabeled']:
-    probabilities = teacher.predict_prepared(state, exp.cases[case][0])
-    labels[case] = np.argmax(probabilities, axis=-1).astype(exp.cases[case][1].dtype)
-    confidence[case] = round(float(np.mean(np.max(probabilities, axis=-1))), 6)
-  info = {'teacher': os.path.abspath(workdir), 'teacher_step': step,
-          'pseudo_labeled_cases': len(labels), 'mean_top_probability': confidence}
-  return labels, info
 
 
 def with_labeled_share(labeled: Dict[str, Any], pseudo: Dict[str, Any], share: float

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -186,15 +186,39 @@ class SegmentationExperiment(Experiment):
     self._predict = jax.jit(self._predict_impl)
 
   def _pseudo_labelled_cases(self, split) -> Dict[str, Tuple]:
-    """Self-training: the unlabelled cases with the teacher's label maps (and their class
-    locations, for the sampler's foreground oversampling)."""
-    labels, self.pseudo_info = semi.segmentation_pseudo_labels(
-        self.config.semi, self.config.seed, self, split)
+    """Self-training: the unlabelled cases with the teacher's label maps ``[*spatial]`` (the
+    arg-max of its probabilities, with its own sliding window and mirroring) and their class
+    locations (for the sampler's foreground oversampling); sets ``pseudo_info`` (the data
+    fingerprint's record: teacher, step, each case's mean top probability).
+
+    Every voxel is pseudo-labelled (no confidence threshold: masking voxels out would need an
+    'ignore' label in the Dice loss). The teacher must have prepared the same data and
+    classes, kept the same validation cases and trained on labelled cases of this run only,
+    so no held-out label and no label of an unlabelled case reaches the student through it.
+    """
+    teacher, state, step, workdir = semi.load_teacher(self.config.semi, self.config.seed, self)
+    difference = prepared_data_difference(self, teacher)
+    if difference is None and sorted(split['val']) != sorted(teacher.data.splits['val']):
+      difference = ('validation cases',)
+    if difference:
+      raise ValueError(f"semi.teacher {workdir}: its {difference[0]} differ from this run's")
+    leaked = sorted(set(teacher.data.splits['train']) - set(split['train']))
+    if leaked:
+      raise ValueError(f'semi.teacher {workdir} trained on {len(leaked)} case(s) that are not '
+                       f'labelled in this run (e.g. {leaked[0]}): its pseudo-labels would '
+                       'carry their labels. Train the teacher with the same data.labeled_* '
+                       'settings')
     rng = np.random.default_rng(self.config.seed)
-    cases = {c: (self.cases[c][0], label,
-                 prepare.class_locations(label, self.num_classes, rng))
-             for c, label in labels.items()}
-    print(f"Self-training: {len(cases)} unlabelled cases pseudo-labelled by "
+    cases, confidence = {}, {}
+    for case in split['unlabeled']:
+      image, stored_label = self.cases[case][:2]
+      probabilities = teacher.predict_prepared(state, image)
+      label = np.argmax(probabilities, axis=-1).astype(stored_label.dtype)
+      cases[case] = (image, label, prepare.class_locations(label, self.num_classes, rng))
+      confidence[case] = round(float(np.mean(np.max(probabilities, axis=-1))), 6)
+    self.pseudo_info = {'teacher': os.path.abspath(workdir), 'teacher_step': step,
+                        'pseudo_labeled_cases': len(cases), 'mean_top_probability': confidence}
+    print(f'Self-training: {len(cases)} unlabelled cases pseudo-labelled by '
           f"{self.pseudo_info['teacher']}")
     return cases
 
@@ -389,6 +413,19 @@ class SegmentationExperiment(Experiment):
     return {'split.json': self.data.splits, 'data_fingerprint.json': fingerprint}
 
 
+def prepared_data_difference(a: SegmentationExperiment, b: SegmentationExperiment
+                             ) -> Optional[Tuple[str, Any, Any]]:
+  """(what, a's, b's) for the first of preparation options, case ids and class names in
+  which two experiments differ (their predictions would not lie on one grid or mean the same
+  classes), or None."""
+  for what, get in (('preparation options', lambda e: e.data.prepared.options),
+                    ('case ids', lambda e: e.data.prepared.case_ids),
+                    ('class names', lambda e: list(e.class_names))):
+    if get(a) != get(b):
+      return what, get(a), get(b)
+  return None
+
+
 def ensemble_predictor(members: Sequence[Tuple[SegmentationExperiment, Any]]
                        ) -> Callable[[np.ndarray], np.ndarray]:
   """The mean class probabilities ``[*spatial, K]`` of several trained segmenters
@@ -400,12 +437,10 @@ def ensemble_predictor(members: Sequence[Tuple[SegmentationExperiment, Any]]
     raise ValueError('an ensemble needs at least one member')
   first = members[0][0]
   for exp, _ in members[1:]:
-    for what, get in (('preparation options', lambda e: e.data.prepared.options),
-                      ('case ids', lambda e: e.data.prepared.case_ids),
-                      ('class names', lambda e: list(e.class_names))):
-      if get(exp) != get(first):
-        raise ValueError(f'ensemble members differ in their {what}: {get(first)} vs '
-                         f'{get(exp)}')
+    difference = prepared_data_difference(first, exp)
+    if difference:
+      what, mine, theirs = difference
+      raise ValueError(f'ensemble members differ in their {what}: {mine} vs {theirs}')
 
   def predict_probs(image: np.ndarray) -> np.ndarray:
     total = None
