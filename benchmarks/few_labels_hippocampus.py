@@ -62,6 +62,12 @@ def main() -> None:
   parser.add_argument('--unlabeled_ratio', type=int, default=1)
   parser.add_argument('--runs', default='/tmp/medjax_few_labels')
   parser.add_argument('--methods', default='mean_teacher,self_training')
+  parser.add_argument('--extra', default='',
+                      help="';'-separated KEY=VALUE overrides for the methods' runs (not the "
+                      "labelled-only and all-labels references), e.g. 'semi.threshold=0.9'")
+  parser.add_argument('--tag', default='',
+                      help='suffix of the methods\' run folders, so variants do not reuse '
+                      'each other\'s runs')
   parser.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results',
                                                      'few_labels_hippocampus.json'))
   args = parser.parse_args()
@@ -85,9 +91,11 @@ def main() -> None:
         'mean_teacher': ['semi.method=mean_teacher',
                          f'semi.unlabeled_ratio={args.unlabeled_ratio}'],
         'self_training': ['semi.method=self_training', f'semi.teacher={teacher}']}
+    extra = [o for o in args.extra.split(';') if o]
     for method in methods:
-      rows.append(row(count, method, run(os.path.join(root, f'n{count}', method),
-                                         [*labelled, *method_overrides[method]])))
+      result = run(os.path.join(root, f'n{count}', method + args.tag),
+                   [*labelled, *method_overrides[method], *extra])
+      rows.append(dict(row(count, method, result), settings=';'.join(extra)))
   everything = row('all', 'all', run(os.path.join(root, 'all'), common))
   rows.append(everything)
   # Share of the labelled-only -> all-labels gap (mean foreground Dice) the method recovers.

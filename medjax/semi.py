@@ -84,8 +84,8 @@ def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool)
   if not has_unlabeled:
     raise ValueError(f'semi.method={method} learns from unlabelled images, and every training '
                      'image is labelled: set data.labeled_fraction < 1 (or data.labeled_count)')
-  if not 0.0 < cfg.threshold <= 1.0:
-    raise ValueError(f'semi.threshold must be in (0, 1], got {cfg.threshold}')
+  if not 0.0 <= cfg.threshold <= 1.0:
+    raise ValueError(f'semi.threshold must be in [0, 1], got {cfg.threshold}')
   if method == 'self_training' and not cfg.teacher:
     raise ValueError('semi.method=self_training needs semi.teacher: the workdir of a run '
                      'trained on the labelled part')

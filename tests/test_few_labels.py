@@ -13,6 +13,7 @@ import pytest
 
 from medjax import config as config_lib, semi, train as train_lib
 from medjax.data import few_labels, load_data, pipeline
+from medjax.data.sampling import IGNORE_LABEL
 from medjax.experiments import make_experiment
 from medjax.experiments.classification import ClassificationExperiment
 
@@ -518,23 +519,40 @@ def test_labeled_share_repeats_the_labelled_cases():
 
 def test_segmentation_self_training_trains_on_the_teachers_label_maps(tmp_path):
   """The student's sampler holds the unlabelled cases with the teacher's arg-max label maps
-  (computed here independently), the data fingerprint names the teacher, and a teacher
-  trained on other labelled cases (it would carry their labels) is refused."""
+  (computed here independently), its unsure voxels (top probability below semi.threshold)
+  marked ignored, the data fingerprint names the teacher, and a teacher trained on other
+  labelled cases (it would carry their labels) is refused."""
   teacher_dir = str(tmp_path / 'teacher')
   c = _seg_config(tmp_path, 'train.num_epochs=1')
   train_lib.train_and_evaluate(c, teacher_dir)
-  student_config = _seg_config(tmp_path, 'semi.method=self_training', 'train.num_epochs=1',
-                               f'semi.teacher={teacher_dir}')
-  student = make_experiment(student_config)
   teacher, state = train_lib.restore_workdir(teacher_dir)[:2]
+  probabilities = {case: teacher.predict_prepared(state, teacher.cases[case][0])
+                   for case in teacher.data.splits['unlabeled']}
+  # A threshold between the teacher's voxel confidences, so some voxels go each way.
+  threshold = float(np.median(np.max(next(iter(probabilities.values())), axis=-1)))
+  student_config = _seg_config(tmp_path, 'semi.method=self_training', 'train.num_epochs=1',
+                               f'semi.teacher={teacher_dir}', f'semi.threshold={threshold}')
+  student = make_experiment(student_config)
   unlabeled = student.data.splits['unlabeled']
   # 2 labelled cases, each twice, and 4 pseudo-labelled: half the cases drawn are labelled.
   assert len(unlabeled) == 4 and sorted(student.sampler.case_ids) == sorted(
       [*unlabeled, *student.data.splits['train'],
        *(f'{c}~1' for c in student.data.splits['train'])])
+  assert student.ignore_label == IGNORE_LABEL
+  ignored = 0
   for case in unlabeled:
-    expected = np.argmax(teacher.predict_prepared(state, teacher.cases[case][0]), axis=-1)
+    expected = np.argmax(probabilities[case], axis=-1)
+    unsure = np.max(probabilities[case], axis=-1) < threshold
+    expected[unsure] = IGNORE_LABEL
+    ignored += unsure.sum()
     np.testing.assert_array_equal(student.sampler.cases[case][1], expected)
+  assert 0 < ignored < sum(p[..., 0].size for p in probabilities.values())
+  every_voxel = make_experiment(_seg_config(
+      tmp_path, 'semi.method=self_training', f'semi.teacher={teacher_dir}', 'semi.threshold=0'))
+  assert every_voxel.ignore_label is None
+  for case in unlabeled:
+    np.testing.assert_array_equal(every_voxel.sampler.cases[case][1],
+                                  np.argmax(probabilities[case], axis=-1))
   assert student.run_files()['data_fingerprint.json']['pseudo_labels']['teacher'] == (
       os.path.abspath(teacher_dir))
   results = train_lib.train_and_evaluate(student_config, str(tmp_path / 'student'))

@@ -122,3 +122,55 @@ def test_voxel_focal_loss_gamma_zero_is_cross_entropy():
       float(seg_losses.cross_entropy(logits, labels)), rel=1e-6)
   assert float(seg_losses.focal_loss(logits, labels, 2.0)) < float(
       seg_losses.cross_entropy(logits, labels))
+
+
+def _numpy_kept_sums(logits, labels, keep):
+  """Per-case TP / FP / FN / volume over the kept voxels only, by selecting them."""
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  p = e / e.sum(-1, keepdims=True)
+  sums = []
+  for b in range(len(labels)):
+    probs, onehot = p[b][keep[b]], np.eye(logits.shape[-1])[labels[b][keep[b]]]  # [M, K]
+    sums.append([(probs * onehot).sum(0), (probs * (1 - onehot)).sum(0),
+                 ((1 - probs) * onehot).sum(0), onehot.sum(0)])
+  return np.array(sums)  # [B, 4, K]
+
+
+@pytest.mark.parametrize('per_case', [False, True])
+def test_ignored_voxels_count_in_no_loss(per_case):
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(2, 6, 5, 4, 3))
+  labels = rng.integers(0, 3, (2, 6, 5, 4))
+  keep = rng.random(labels.shape) > 0.3
+  masked = np.where(keep, labels, 255)
+  sums = _numpy_kept_sums(logits, labels, keep)
+  tp, fp, fn, vol = sums.transpose(1, 0, 2) if per_case else sums.sum(0)
+  s = 1e-5
+  dice = 1 - ((2 * tp + s) / (2 * tp + fp + fn + s))[..., 1:].mean()
+  tversky = 1 - ((tp + s) / (tp + 0.3 * fp + 0.7 * fn + s))[..., 1:].mean()
+  w = 1 / np.maximum(vol[..., 1:], 1) ** 2
+  gdl = 1 - ((2 * (w * tp[..., 1:]).sum(-1) + s) /
+             ((w * (2 * tp + fp + fn)[..., 1:]).sum(-1) + s)).mean()
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  logp = np.log(e / e.sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, labels[..., None], -1)[..., 0][keep].mean()
+  pt = np.exp(np.take_along_axis(logp, labels[..., None], -1)[..., 0][keep])
+  focal = (-(1 - pt) ** 2 * np.log(pt)).mean()
+  x, y = jnp.asarray(logits), jnp.asarray(masked)
+  kw = dict(per_case=per_case, ignore_label=255)
+  assert float(seg_losses.soft_dice_loss(x, y, **kw)) == pytest.approx(dice, rel=1e-5)
+  assert float(seg_losses.tversky_loss(x, y, **kw)) == pytest.approx(tversky, rel=1e-5)
+  assert float(seg_losses.generalized_dice_loss(x, y, **kw)) == pytest.approx(gdl, rel=1e-5)
+  assert float(seg_losses.cross_entropy(x, y, 255)) == pytest.approx(ce, rel=1e-5)
+  assert float(seg_losses.focal_loss(x, y, 2.0, 255)) == pytest.approx(focal, rel=1e-5)
+  assert float(seg_losses.dice_ce_loss(x, y, **kw)) == pytest.approx(dice + ce, rel=1e-5)
+  # The logits at ignored voxels get no gradient.
+  grad = jax.grad(lambda v: seg_losses.dice_ce_loss(v, y, **kw))(x)
+  assert np.all(np.asarray(grad)[~keep] == 0) and np.any(np.asarray(grad)[keep] != 0)
+
+
+def test_a_batch_with_every_voxel_ignored_has_a_finite_zero_ce():
+  logits = jnp.ones((1, 4, 4, 3))
+  labels = jnp.full((1, 4, 4), 255)
+  assert float(seg_losses.cross_entropy(logits, labels, 255)) == 0.0
+  assert np.isfinite(float(seg_losses.dice_ce_loss(logits, labels, ignore_label=255)))

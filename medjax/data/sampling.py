@@ -22,6 +22,10 @@ from scipy import ndimage
 
 from medjax.data.nifti import resample_to_shape
 
+# A label value no loss counts (seg_losses' ignore_label): the voxels of a pseudo-label map
+# that the teacher was unsure of. Above any class index of a uint8 label map.
+IGNORE_LABEL = 255
+
 
 @dataclasses.dataclass(frozen=True)
 class SegAugment:
@@ -253,7 +257,9 @@ class SegmentationSampler:
         label = cases[cid][1]
         if skip_empty_slices:
           other = tuple(a for a in range(label.ndim) if a != slice_axis)
-          idx = np.flatnonzero(np.asarray(label).any(axis=other))
+          label = np.asarray(label)
+          foreground = (label > 0) & (label != IGNORE_LABEL)
+          idx = np.flatnonzero(foreground.any(axis=other))
           self.slices[cid] = idx if len(idx) else np.arange(label.shape[slice_axis])
         else:
           self.slices[cid] = np.arange(label.shape[slice_axis])

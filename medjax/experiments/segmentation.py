@@ -31,7 +31,7 @@ import numpy as np
 from medjax import inference, metrics as metrics_lib, optim, seg_losses, seg_metrics, semi
 from medjax import workdir as workdir_lib
 from medjax.data import few_labels, layouts, nifti, prepare
-from medjax.data.sampling import SegAugment, SegmentationSampler, slice_stack
+from medjax.data.sampling import IGNORE_LABEL, SegAugment, SegmentationSampler, slice_stack
 from medjax.experiments.base import Experiment
 
 
@@ -160,7 +160,11 @@ class SegmentationExperiment(Experiment):
     channels = self.image_channels * (2 * self.slice_context + 1)
     training_cases = {c: self.cases[c] for c in split['train']}
     self.pseudo_info = None
+    # Self-training with a voxel threshold: the unsure voxels of the pseudo-label maps carry
+    # IGNORE_LABEL, which the loss leaves out.
+    self.ignore_label = None
     if self.semi_method == 'self_training':
+      self.ignore_label = IGNORE_LABEL if config.semi.threshold > 0 else None
       pseudo = self._pseudo_labelled_cases(split)
       training_cases = semi.with_labeled_share(training_cases, pseudo,
                                                config.semi.labeled_share)
@@ -189,12 +193,14 @@ class SegmentationExperiment(Experiment):
     """Self-training: the unlabelled cases with the teacher's label maps ``[*spatial]`` (the
     arg-max of its probabilities, with its own sliding window and mirroring) and their class
     locations (for the sampler's foreground oversampling); sets ``pseudo_info`` (the data
-    fingerprint's record: teacher, step, each case's mean top probability).
+    fingerprint's record: teacher, step, each case's mean top probability and share of
+    voxels kept).
 
-    Every voxel is pseudo-labelled (no confidence threshold: masking voxels out would need an
-    'ignore' label in the Dice loss). The teacher must have prepared the same data and
-    classes, kept the same validation cases and trained on labelled cases of this run only,
-    so no held-out label and no label of an unlabelled case reaches the student through it.
+    Voxels whose top probability is below ``semi.threshold`` get IGNORE_LABEL (no loss
+    counts them); ``semi.threshold=0`` labels every voxel. The teacher must have prepared
+    the same data and classes, kept the same validation cases and trained on labelled cases
+    of this run only, so no held-out label and no label of an unlabelled case reaches the
+    student through it.
     """
     teacher, state, step, workdir = semi.load_teacher(self.config.semi, self.config.seed, self)
     difference = prepared_data_difference(self, teacher)
@@ -208,16 +214,26 @@ class SegmentationExperiment(Experiment):
                        f'labelled in this run (e.g. {leaked[0]}): its pseudo-labels would '
                        'carry their labels. Train the teacher with the same data.labeled_* '
                        'settings')
+    threshold = float(self.config.semi.threshold)
+    if threshold > 0 and self.num_classes >= IGNORE_LABEL:
+      raise ValueError(f'semi.threshold={threshold} marks unsure voxels with label '
+                       f'{IGNORE_LABEL}, which is one of the {self.num_classes} classes here: '
+                       'set semi.threshold=0')
     rng = np.random.default_rng(self.config.seed)
-    cases, confidence = {}, {}
+    cases, confidence, kept = {}, {}, {}
     for case in split['unlabeled']:
       image, stored_label = self.cases[case][:2]
       probabilities = teacher.predict_prepared(state, image)
+      top = np.max(probabilities, axis=-1)
       label = np.argmax(probabilities, axis=-1).astype(stored_label.dtype)
+      if threshold > 0:
+        label[top < threshold] = IGNORE_LABEL
       cases[case] = (image, label, prepare.class_locations(label, self.num_classes, rng))
-      confidence[case] = round(float(np.mean(np.max(probabilities, axis=-1))), 6)
+      confidence[case] = round(float(np.mean(top)), 6)
+      kept[case] = round(float(np.mean(top >= threshold)), 6)
     self.pseudo_info = {'teacher': os.path.abspath(workdir), 'teacher_step': step,
-                        'pseudo_labeled_cases': len(cases), 'mean_top_probability': confidence}
+                        'pseudo_labeled_cases': len(cases), 'voxel_threshold': threshold,
+                        'mean_top_probability': confidence, 'voxels_kept': kept}
     print(f'Self-training: {len(cases)} unlabelled cases pseudo-labelled by '
           f"{self.pseudo_info['teacher']}")
     return cases
@@ -274,7 +290,8 @@ class SegmentationExperiment(Experiment):
     total = 0.0
     for weight, logits in zip(weights, outputs):
       target = _downsample_labels(labels, logits.shape[1:-1])
-      kwargs = dict(include_background=cfg.include_background, per_case=not cfg.batch_dice)
+      kwargs = dict(include_background=cfg.include_background, per_case=not cfg.batch_dice,
+                    ignore_label=self.ignore_label)
       if cfg.name == 'dice_ce':
         loss = seg_losses.dice_ce_loss(logits, target, **kwargs)
       elif cfg.name == 'dice':
@@ -285,9 +302,9 @@ class SegmentationExperiment(Experiment):
       elif cfg.name == 'generalized_dice':
         loss = seg_losses.generalized_dice_loss(logits, target, **kwargs)
       elif cfg.name == 'focal':
-        loss = seg_losses.focal_loss(logits, target, cfg.focal_gamma)
+        loss = seg_losses.focal_loss(logits, target, cfg.focal_gamma, self.ignore_label)
       else:
-        loss = seg_losses.cross_entropy(logits, target)
+        loss = seg_losses.cross_entropy(logits, target, self.ignore_label)
       total = total + weight * loss
     return total
 
