@@ -178,6 +178,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.seeds_program = 'auto'      # 'vmap' | 'unroll' over the seed axis; auto: unroll on CPU
   # Stop after this many steps in this invocation (0 = no limit). For tests of resume.
   c.train.stop_after_steps = 0
+  # Fine-tuning: a workdir (or a seed group: its seed_<K> for seed K) whose selected model
+  # (its parameter average if it kept one) starts this run; optimizer and step start fresh.
+  c.train.init_from = ''
   return c
 
 

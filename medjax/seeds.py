@@ -108,8 +108,14 @@ class Group:
     self._stack = jax.jit(stack_trees, out_shardings=exp.replicated)
 
   def init(self) -> Any:
+    """The stacked fresh states (each member's warm start with ``train.init_from``)."""
     keys = jnp.stack([jax.random.PRNGKey(m.exp.config.seed) for m in self.members])
-    return jax.jit(jax.vmap(self.exp._init_impl), out_shardings=self.exp.replicated)(keys)
+    state = jax.jit(jax.vmap(self.exp._init_impl), out_shardings=self.exp.replicated)(keys)
+    starts = [m.exp.warm_start_variables() for m in self.members]
+    if starts[0] is None:
+      return state
+    return jax.jit(jax.vmap(self.exp._warm_start_impl),
+                   out_shardings=self.exp.replicated)(state, stack_trees(starts))
 
   def stack(self, states: Sequence[Any]) -> Any:
     return self._stack(list(states))

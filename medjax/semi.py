@@ -197,19 +197,12 @@ def adaptive_thresholds(state: Dict[str, jax.Array], probabilities: jax.Array,
 
 
 # ----- self-training ------------------------------------------------------------------------
-def teacher_workdir(teacher: str, seed: int) -> str:
-  """The teacher's workdir for a run with ``seed``: ``teacher/seed_<seed>`` when the
-  teacher is a seed group, else ``teacher``."""
-  member = os.path.join(teacher, f'seed_{seed}')
-  return member if os.path.isdir(member) else teacher
-
-
 def load_teacher(cfg: ml_collections.ConfigDict, seed: int, exp: Any
                  ) -> Tuple[Any, Any, int, str]:
   """(teacher experiment, its state, its step, its workdir): the run in ``semi.teacher`` (its seed
   ``seed`` when it is a seed group), rebuilt from its config.json as an experiment of
   ``exp``'s class and restored at its selected checkpoint."""
-  workdir = teacher_workdir(cfg.teacher, seed)
+  workdir = workdir_lib.seed_member(cfg.teacher, seed)
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     raise ValueError(f'semi.teacher {workdir}: no run there (config.json missing)')
   teacher = type(exp)(workdir_lib.read_single_run_config(workdir))

@@ -190,6 +190,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                           'run of this workdir or from config_history.jsonl') from None
 
 
+def seed_member(path: str, seed: int) -> str:
+  """``path/seed_<seed>`` when ``path`` is a seed group (``train.seeds``), else ``path``."""
+  member = os.path.join(path, f'seed_{seed}')
+  return member if os.path.isdir(member) else path
+
+
 def read_single_run_config(workdir: str) -> ml_collections.ConfigDict:
   """:func:`read_config` of a workdir that holds one trained model (not a seed group)."""
   config = read_config(workdir)

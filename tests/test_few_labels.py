@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from medjax import config as config_lib, semi, train as train_lib
+from medjax import config as config_lib, semi, train as train_lib, workdir as workdir_lib
 from medjax.data import few_labels, load_data, pipeline
 from medjax.data.sampling import IGNORE_LABEL
 from medjax.experiments import make_experiment
@@ -379,8 +379,9 @@ def test_self_training_adds_the_teachers_confident_pseudo_labels(teacher, tmp_pa
   assert fingerprint['splits']['train']['examples'] == 51 + len(confident)
   # The teacher of seed K of a group is the teacher group's seed_K.
   os.makedirs(tmp_path / 'group' / 'seed_3')
-  assert semi.teacher_workdir(str(tmp_path / 'group'), 3) == str(tmp_path / 'group' / 'seed_3')
-  assert semi.teacher_workdir(teacher, 3) == teacher
+  group = str(tmp_path / 'group')
+  assert workdir_lib.seed_member(group, 3) == os.path.join(group, 'seed_3')
+  assert workdir_lib.seed_member(teacher, 3) == teacher
 
 
 # ----- mean teacher (segmentation) ----------------------------------------------------------

@@ -361,3 +361,45 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
                                   f'train.num_epochs={stopped // 8 + 1}']), workdir,
       allow_change=['train.num_epochs'])
   assert results['run_info']['resumed_from_step'] == stopped
+
+
+def test_init_from_starts_a_run_from_another_runs_selected_model(reference_run, tmp_path):
+  """train.init_from: the source's selected parameters and batch statistics, a fresh
+  optimizer and step; each seed of a group starts from it; a resumed fine-tuning run goes on
+  from its own checkpoint exactly; another model is refused by name."""
+  from types import SimpleNamespace
+  from medjax import seeds as seeds_lib
+  from medjax.experiments import make_experiment
+  source, _, results = reference_run
+  _, source_state, step = train_lib.restore_workdir(source)
+  assert step == results['selected_step']
+  config = _config(seed=7, **{'train.init_from': source})
+  exp = make_experiment(config)
+  state = jax.device_get(exp.init_state())
+  for name in ('params', 'batch_stats'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(state, name),
+                 jax.device_get(getattr(source_state, name)))
+  assert int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state,
+               jax.device_get(exp.tx.init(state.params)))
+  fresh = jax.device_get(make_experiment(_config(seed=7)).init_state())
+  assert not np.array_equal(jax.tree.leaves(fresh.params)[0], jax.tree.leaves(state.params)[0])
+  group = seeds_lib.Group([SimpleNamespace(exp=make_experiment(
+      seeds_lib.member_config(config, k))) for k in (0, 1)])
+  stacked = jax.device_get(group.init())
+  for k in (0, 1):
+    jax.tree.map(np.testing.assert_array_equal, seeds_lib.member_state(stacked, k).params,
+                 jax.device_get(source_state.params))
+  # Fine-tuning stopped after 3 steps and resumed logs what an uninterrupted run logs.
+  full, parts = str(tmp_path / 'full'), str(tmp_path / 'parts')
+  train_lib.train_and_evaluate(config, full)
+  train_lib.train_and_evaluate(_config(seed=7, **{'train.init_from': source,
+                                                  'train.stop_after_steps': 3}), parts)
+  train_lib.train_and_evaluate(config, parts)
+  assert _train_losses(parts) == _train_losses(full)
+  with pytest.raises(ValueError, match=r"its model does not fit this one: 'batch_stats/"
+                                       r"stage1_block1/BatchNorm_0/mean' is \(4,\) there, "
+                                       r"\(8,\) here"):
+    make_experiment(_config(**{'train.init_from': source, 'model.width': 8})).init_state()
+  with pytest.raises(ValueError, match='no run there'):
+    make_experiment(_config(**{'train.init_from': str(tmp_path / 'none')})).init_state()

@@ -40,6 +40,7 @@ and registers itself with :func:`medjax.experiments.register_task`.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import flax.struct
@@ -64,6 +65,24 @@ class TrainState:
   dropout_key: jax.Array
   # Statistics the loss carries between steps (Experiment.init_loss_state); {} for most.
   loss_state: Any = flax.struct.field(default_factory=dict)
+
+
+def tree_difference(ours: Any, theirs: Any) -> Optional[str]:
+  """The first variable (by path) that one tree lacks or that has another shape, in words;
+  None when both trees have the same paths and shapes."""
+  def shapes(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves}
+  ours, theirs = shapes(ours), shapes(theirs)
+  for path in sorted(set(ours) | set(theirs)):
+    if path not in theirs:
+      return f"'{path}' {ours[path]} is not there"
+    if path not in ours:
+      return f"'{path}' {theirs[path]} is not in this model"
+    if ours[path] != theirs[path]:
+      return f"'{path}' is {theirs[path]} there, {ours[path]} here"
+  return None
 
 
 class TrainingDiverged(FloatingPointError):
@@ -177,9 +196,47 @@ class Experiment:
                       loss_state=self.init_loss_state())
 
   def init_state(self) -> TrainState:
-    """Fresh state, created directly on the replicated sharding (no host copy to alias)."""
+    """Fresh state, created directly on the replicated sharding (no host copy to alias);
+    with ``train.init_from``, its model variables are the source run's."""
     key = jax.random.PRNGKey(self.config.seed)
-    return jax.jit(self._init_impl, out_shardings=self.replicated)(key)
+    state = jax.jit(self._init_impl, out_shardings=self.replicated)(key)
+    start = self.warm_start_variables()
+    if start is None:
+      return state
+    return jax.jit(self._warm_start_impl, out_shardings=self.replicated)(state, start)
+
+  def _warm_start_impl(self, state: TrainState, variables: Dict[str, Any]) -> TrainState:
+    """``state`` with the given model variables and a fresh optimizer state for them."""
+    params = jax.tree.map(lambda ours, theirs: theirs.astype(ours.dtype), state.params,
+                          variables['params'])
+    batch_stats = jax.tree.map(lambda ours, theirs: theirs.astype(ours.dtype),
+                               state.batch_stats, variables['batch_stats'])
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=self.tx.init(params))
+
+  def warm_start_variables(self) -> Optional[Dict[str, Any]]:
+    """``{'params', 'batch_stats'}`` of the model that starts a fresh run with
+    ``train.init_from`` (that run's selected checkpoint, its parameter average if it kept
+    one; seed K of a seed group starts from the group's ``seed_<K>``), checked against this
+    model's variable names and shapes; None without ``train.init_from``."""
+    source = self.config.train.init_from
+    if not source:
+      return None
+    from medjax.experiments import make_experiment  # the registry imports this module
+    workdir = workdir_lib.seed_member(source, self.config.seed)
+    if not os.path.isfile(os.path.join(workdir, 'config.json')):
+      raise ValueError(f'train.init_from {workdir}: no run there (config.json missing)')
+    other = make_experiment(workdir_lib.read_single_run_config(workdir))
+    state, step = other.restore(workdir)
+    variables = other.variables(state)
+    theirs = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
+    difference = tree_difference({'params': shapes.params, 'batch_stats': shapes.batch_stats},
+                                 theirs)
+    if difference:
+      raise ValueError(f'train.init_from {workdir}: its model does not fit this one: '
+                       f'{difference}')
+    print(f'Starting from the model of {os.path.abspath(workdir)} (step {step})')
+    return jax.device_get(theirs)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state (what a checkpoint is restored into)."""
