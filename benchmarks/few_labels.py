@@ -9,7 +9,8 @@ its threshold of 0.8, METHOD_OVERRIDES). Self-training's
 teacher is the labelled-only run of the same fraction and seed. Finished runs (a
 summary.json) are reused, so an interrupted benchmark continues where it stopped. Prints a
 table of test AUC / accuracy (mean +- sd over seeds) and the share of the gap between
-labelled-only and all labels that each method recovers, and writes
+labelled-only and all labels that each method recovers (with a 95 % interval from resampling
+the seeds, each seed's runs together: they share its labelled subset), and writes
 benchmarks/results/few_labels_<dataset>.json.
 """
 
@@ -23,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results_table import share_of_gap, write_results  # noqa: E402
+from results_table import share_of_gap, share_of_gap_interval, write_results  # noqa: E402
 
 from medjax import config as config_lib, train as train_lib  # noqa: E402
 
@@ -61,9 +62,14 @@ def cell(summary: dict, metric: str) -> dict:
 
 
 def gap_text(row: dict, recovered) -> str:
+  """The share of the gap recovered, with its seed-bootstrap 95 % interval."""
   if row['method'] in ('none', 'all'):
     return ''
-  return 'no gap' if recovered is None else f'{recovered:.0%}'
+  if recovered is None:
+    return 'no gap'
+  interval = row.get('auc_gap_recovered_ci95')
+  return f'{recovered:.0%}' + ('' if interval is None else
+                               f' [{interval[0]:.0%}, {interval[1]:.0%}]')
 
 
 def main() -> None:
@@ -108,17 +114,20 @@ def main() -> None:
     if base is not None and row['method'] not in ('none', 'all'):
       row['auc_gap_recovered'] = share_of_gap(row['auc']['mean'], base['auc']['mean'],
                                               all_auc['mean'])
+      interval = share_of_gap_interval(row['auc']['per_seed'], base['auc']['per_seed'],
+                                       all_auc['per_seed'])
+      row['auc_gap_recovered_ci95'] = interval
 
   print(f"\n{args.dataset}: test AUC / ACC, mean ± sd over seeds {seeds} "
         '(configs/few_labels.py)')
-  print(f"{'labels':>8} {'method':<15} {'AUC':>17} {'ACC':>17} {'gap recovered':>14} "
+  print(f"{'labels':>8} {'method':<15} {'AUC':>17} {'ACC':>17} {'gap recovered [95 %]':>24} "
         f"{'wall s':>8}")
   for row in rows:
     recovered = row.get('auc_gap_recovered')
     print(f"{row['fraction']:>8.0%} {LABELS[row['method']]:<15} "
           f"{row['auc']['mean']:>8.3f} ± {row['auc']['sd']:.3f} "
           f"{row['accuracy']['mean']:>8.3f} ± {row['accuracy']['sd']:.3f} "
-          f"{gap_text(row, recovered):>14} {row['wall_time_s']:>8.0f}")
+          f"{gap_text(row, recovered):>24} {row['wall_time_s']:>8.0f}")
   write_results(args.out or os.path.join(REPO, 'benchmarks', 'results',
                                          f'few_labels_{args.dataset}.json'),
                 rows, dataset=args.dataset, seeds=seeds,

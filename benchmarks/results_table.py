@@ -36,6 +36,25 @@ def share_of_gap(value: float, base: float, ceiling: float) -> Optional[float]:
   return (value - base) / gap if gap > 0 else None
 
 
+def share_of_gap_interval(values: Sequence[float], bases: Sequence[float],
+                          ceilings: Sequence[float], level: float = 0.95,
+                          resamples: int = 10000, seed: int = 0
+                          ) -> Optional[Tuple[float, float]]:
+  """Percentile bootstrap interval of :func:`share_of_gap` of the means, resampling seeds
+  with their three numbers kept together (a seed's method, base and ceiling runs share its
+  labelled subset, so they are paired); None with fewer than 3 seeds."""
+  import numpy as np
+  values, bases, ceilings = (np.asarray(a, np.float64) for a in (values, bases, ceilings))
+  if len(values) < 3:
+    return None
+  index = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+  gain = (values[index] - bases[index]).mean(1)
+  gap = (ceilings[index] - bases[index]).mean(1)
+  shares = gain[gap > 0] / gap[gap > 0]
+  tail = 100 * (1 - level) / 2
+  return float(np.percentile(shares, tail)), float(np.percentile(shares, 100 - tail))
+
+
 def print_table(rows: List[Dict], columns: Sequence[Column]) -> None:
   def cell(r, key, spec):
     value = r.get(key, float('nan'))

@@ -72,3 +72,20 @@ def test_published_table_has_no_dataset_without_a_recipe():
   for figures in benchmark.PUBLISHED.values():
     for dataset in figures:
       assert os.path.exists(os.path.join('configs', f'{dataset}.py')), dataset
+
+
+def test_gap_interval_resamples_seeds_with_their_pairs():
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  from results_table import share_of_gap, share_of_gap_interval
+  rng = np.random.default_rng(0)
+  bases = rng.uniform(0.6, 0.8, 10)
+  ceilings = np.full(10, 0.87)
+  # Every seed recovers exactly 40 % of its own gap, however far apart the seeds are: the
+  # paired resampling gives no spread.
+  low, high = share_of_gap_interval(bases + 0.4 * (ceilings - bases), bases, ceilings)
+  assert low == pytest.approx(0.4) and high == pytest.approx(0.4)
+  values = bases + 0.4 * (ceilings - bases) + rng.normal(0, 0.02, 10)
+  low, high = share_of_gap_interval(values, bases, ceilings)
+  assert low < share_of_gap(values.mean(), bases.mean(), 0.87) < high and high - low > 0.05
+  assert share_of_gap_interval(values[:2], bases[:2], ceilings[:2]) is None
