@@ -20,7 +20,10 @@ def medmnist_paper(flag: str, is_3d: bool, arg: str = '',
   """MedMNIST v2 (Yang et al. 2023) ResNet-18 (28) recipe.
 
   100 epochs, Adam lr 1e-3, lr x0.1 at epochs 50 and 75, batch 128 (2D) / 32 (3D), no
-  augmentation, checkpoint selected by best validation AUC, evaluated on test.
+  augmentation, checkpoint selected by best validation AUC, evaluated on test. PyTorch's
+  default layer init (``model.initializer='torch'``), as MedMNIST's own ResNets are built from
+  plain ``nn.Conv2d`` / ``nn.Conv3d``: on BreastMNIST, 3 seeds, test AUC 0.902 +- 0.021 against
+  0.876 +- 0.021 with He init (benchmarks/results/medmnist_resnet18_torch_init.json).
 
   ``arg``: '' (the recipe), 'runlocal' (a few steps on a small subset, for tests) or, where the
   dataset's config gives ``cpu`` (a function that edits :func:`medmnist_small_cnn`'s config),
@@ -31,7 +34,7 @@ def medmnist_paper(flag: str, is_3d: bool, arg: str = '',
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = dict(name='medmnist', flag=flag, path=os.path.normpath(SHARED_MEDMNIST))
-  c.model = dict(name='resnet18', stem='medmnist')
+  c.model = dict(name='resnet18', stem='medmnist', initializer='torch')
   c.optimizer = dict(name='adam', learning_rate=1e-3, schedule='multistep',
                      milestones_epochs=(50, 75), decay_factor=0.1)
   c.train = dict(num_epochs=100, batch_size=32 if is_3d else 128,
