@@ -31,6 +31,23 @@ except (ValueError, RuntimeError):
 Batch = Tuple[np.ndarray, np.ndarray]
 
 
+def numpy_batches(ds: tf.data.Dataset) -> Iterator:
+  """``ds`` as an iterator of numpy batches, with tf.data's autotuning thread off.
+
+  Why: on TF 2.21 an iterator dropped while that thread waits misses its cancellation and
+  blocks the dropping (Python) thread until the thread's next timed wake-up, seconds to
+  minutes late in a long run (seen: 6 minutes at the end of a 10-seed FixMatch run, whose
+  member iterators a ``zip`` leaves unfinished). Without it the teardown takes milliseconds
+  and ``AUTOTUNE`` parallelism becomes tf.data's fixed default (about one call per core).
+  Measured in one run on 2 cores (benchmarks/results/pipeline_autotune.json): a 10-seed
+  FixMatch group's input 7.1-7.5 vs 6.3 steps/s and its teardown 0.05 vs 14-35 s; the 2.5D
+  slice sampler 7 % slower (~870 vs ~930 slices/s, far above what a CPU trains on).
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options).as_numpy_iterator()
+
+
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   steps = num_examples // global_batch
   if steps == 0:
@@ -220,7 +237,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(rows.stop - rows.start, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
+  return numpy_batches(ds)
 
 
 def unlabeled_stream(seed: int, num_examples: int, start: int, stop: int) -> np.ndarray:
@@ -276,7 +293,7 @@ def unlabeled_batches(images: np.ndarray, *, global_batch: int, seed: int, start
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(rows.stop - rows.start, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
+  return numpy_batches(ds)
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
@@ -311,5 +328,5 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
   ds = tf.data.Dataset.from_tensor_slices(padded)
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(rows.stop - rows.start).prefetch(tf.data.AUTOTUNE)
-  for (images_b, labels_b), global_mask in zip(ds.as_numpy_iterator(), global_masks):
+  for (images_b, labels_b), global_mask in zip(numpy_batches(ds), global_masks):
     yield images_b, labels_b, global_mask

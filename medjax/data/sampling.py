@@ -290,7 +290,7 @@ class SegmentationSampler:
               process_count: int = 1, num_workers: int = 0) -> Iterator[Tuple[np.ndarray, ...]]:
     """This process's rows of steps ``[start_step, num_steps)``, through tf.data."""
     import tensorflow as tf
-    from medjax.data.pipeline import local_rows
+    from medjax.data.pipeline import local_rows, numpy_batches
     rows = local_rows(self.global_batch, process_index, process_count)
     steps = np.arange(start_step, num_steps)
     js = np.arange(rows.start, rows.stop)
@@ -308,4 +308,4 @@ class SegmentationSampler:
     ds = tf.data.Dataset.from_tensor_slices(pairs)
     ds = ds.map(load, num_parallel_calls=num_workers or tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return numpy_batches(ds)
