@@ -74,7 +74,9 @@ def _recipe_name(recipe: str, variant: str = '') -> str:
 def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
                  recipe: str = '', settings: Sequence[str] = (), variant: str = ''
                  ) -> List[Dict]:
-  """Trains every (dataset, seed) not finished yet; returns one table row per dataset."""
+  """Trains every (dataset, seed) not finished yet; returns one table row per dataset, or
+  None when a run stopped early (SIGTERM or ``train.stop_after_steps``: the same command
+  resumes it)."""
   from medjax import train as train_lib
   rows = []
   name = _recipe_name(recipe, variant)
@@ -87,7 +89,8 @@ def run_medmnist(datasets: Sequence[str], seeds: Sequence[int], workdir: str,
       results_path = os.path.join(run_dir, 'results.json')
       if not os.path.exists(results_path):
         print(f'== {dataset}, seed {seed}: {run_dir}', flush=True)
-        train_lib.train_and_evaluate(config, run_dir)
+        if 'stopped_at_step' in train_lib.train_and_evaluate(config, run_dir):
+          return None
       with open(results_path) as f:
         runs.append(json.load(f))
     row = summarize(dataset, name, runs)
@@ -150,4 +153,6 @@ def main_medmnist(datasets: str, seeds: str, workdir: str, recipe: str = '',
   if not names or not seed_list:
     raise ValueError('--datasets and --seeds must each name at least one')
   rows = run_medmnist(names, seed_list, workdir, recipe, settings or (), variant)
+  if rows is None:
+    return 'A run stopped before the table was complete; run the same command to go on.'
   return write_table(rows, workdir)

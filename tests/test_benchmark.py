@@ -89,3 +89,14 @@ def test_gap_interval_resamples_seeds_with_their_pairs():
   low, high = share_of_gap_interval(values, bases, ceilings)
   assert low < share_of_gap(values.mean(), bases.mean(), 0.87) < high and high - low > 0.05
   assert share_of_gap_interval(values[:2], bases[:2], ceilings[:2]) is None
+
+
+def test_a_stopped_run_ends_the_benchmark_cleanly_and_the_same_command_resumes(tmp_path,
+                                                                                 capsys):
+  argv = _benchmark_argv(tmp_path, '0', '--recipe', 'configs/breastmnist.py:runlocal')
+  assert cli.main([*argv, '--set', 'train.stop_after_steps=1']) == 0
+  assert 'run the same command to go on' in capsys.readouterr().out
+  assert not (tmp_path / 'bench' / 'benchmark.json').exists()
+  assert cli.main(argv) == 0
+  assert 'Resuming from checkpoint at step 1' in capsys.readouterr().out
+  assert (tmp_path / 'bench' / 'benchmark.json').exists()
