@@ -221,11 +221,11 @@ class Experiment:
     source = self.config.train.init_from
     if not source:
       return None
-    from medjax.experiments import make_experiment  # the registry imports this module
     workdir = workdir_lib.seed_member(source, self.config.seed)
     if not os.path.isfile(os.path.join(workdir, 'config.json')):
       raise ValueError(f'train.init_from {workdir}: no run there (config.json missing)')
-    other = make_experiment(workdir_lib.read_single_run_config(workdir))
+    # The source's own config, as this task (a model that fits is one of this task's).
+    other = type(self)(workdir_lib.read_single_run_config(workdir))
     state, step = other.restore(workdir)
     variables = other.variables(state)
     theirs = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
