@@ -111,9 +111,16 @@ class Group:
     """The stacked fresh states (each member's warm start with ``train.init_from``)."""
     keys = jnp.stack([jax.random.PRNGKey(m.exp.config.seed) for m in self.members])
     state = jax.jit(jax.vmap(self.exp._init_impl), out_shardings=self.exp.replicated)(keys)
-    starts = [m.exp.warm_start_variables() for m in self.members]
-    if starts[0] is None:
+    source = self.exp.config.train.init_from
+    if not source:
       return state
+    loaded = {}  # a plain workdir starts every member: load it once
+    starts = []
+    for member in self.members:
+      where = workdir_lib.seed_member(source, member.exp.config.seed)
+      if where not in loaded:
+        loaded[where] = member.exp.warm_start_variables()
+      starts.append(loaded[where])
     return jax.jit(jax.vmap(self.exp._warm_start_impl),
                    out_shardings=self.exp.replicated)(state, stack_trees(starts))
 

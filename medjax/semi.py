@@ -34,8 +34,8 @@ Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled t
 
 * ``'self_training'``: as for classification, with ``semi.teacher`` a segmentation run on
   the labelled cases (same data, fold and ``data.labeled_*``): it predicts every unlabelled
-  case (arg-max of its probabilities, every voxel) and those label maps join the labelled
-  cases in this run's sampler (``SegmentationExperiment._pseudo_labelled_cases``), which
+  case (arg-max of its probabilities; voxels below ``semi.threshold`` ignored by the loss)
+  and those label maps join the labelled cases in this run's sampler (``SegmentationExperiment._pseudo_labelled_cases``), which
   draws labelled cases ``semi.labeled_share`` of the time (:func:`with_labeled_share`).
 * ``'mean_teacher'`` (Tarvainen & Valpola 2017; Yu et al. 2019 for segmentation), in one run:
   each step also takes ``semi.unlabeled_ratio`` x batch patches of unlabelled cases; the
@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import tasks, workdir as workdir_lib
+from medjax import tasks
 from medjax.data import few_labels
 
 CLASSIFICATION_METHODS = ('none', 'fixmatch', 'self_training')
@@ -197,29 +197,16 @@ def adaptive_thresholds(state: Dict[str, jax.Array], probabilities: jax.Array,
 
 
 # ----- self-training ------------------------------------------------------------------------
-def load_teacher(cfg: ml_collections.ConfigDict, seed: int, exp: Any
-                 ) -> Tuple[Any, Any, int, str]:
-  """(teacher experiment, its state, its step, its workdir): the run in ``semi.teacher`` (its seed
-  ``seed`` when it is a seed group), rebuilt from its config.json as an experiment of
-  ``exp``'s class and restored at its selected checkpoint."""
-  workdir = workdir_lib.seed_member(cfg.teacher, seed)
-  if not os.path.isfile(os.path.join(workdir, 'config.json')):
-    raise ValueError(f'semi.teacher {workdir}: no run there (config.json missing)')
-  teacher = type(exp)(workdir_lib.read_single_run_config(workdir))
-  state, step = teacher.restore(workdir)
-  return teacher, state, step, workdir
-
-
-def pseudo_labels(cfg: ml_collections.ConfigDict, seed: int, exp: Any,
-                  unlabeled: np.ndarray, labeled_labels: np.ndarray
+def pseudo_labels(cfg: ml_collections.ConfigDict, exp: Any, unlabeled: np.ndarray,
+                  labeled_labels: np.ndarray
                   ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
   """The teacher's confident pseudo-labels of ``unlabeled`` ``[U, *spatial, C]``.
 
   ``exp`` is the student's experiment (its task, classes and input shape must be the
-  teacher's; :func:`load_teacher`). Returns (indices into ``unlabeled``, labels, a
-  description for the run's data fingerprint).
+  teacher's, ``semi.teacher`` loaded by ``exp.load_run``). Returns (indices into
+  ``unlabeled``, labels, a description for the run's data fingerprint).
   """
-  teacher, state, step, workdir = load_teacher(cfg, seed, exp)
+  teacher, state, step, workdir = exp.load_run(cfg.teacher, 'semi.teacher')
   if (teacher.task, teacher.num_outputs, teacher.input_shape) != (
       exp.task, exp.num_outputs, exp.input_shape):
     raise ValueError(f'semi.teacher {workdir} is a {teacher.task} model of '

@@ -218,15 +218,9 @@ class Experiment:
     ``train.init_from`` (that run's selected checkpoint, its parameter average if it kept
     one; seed K of a seed group starts from the group's ``seed_<K>``), checked against this
     model's variable names and shapes; None without ``train.init_from``."""
-    source = self.config.train.init_from
-    if not source:
+    if not self.config.train.init_from:
       return None
-    workdir = workdir_lib.seed_member(source, self.config.seed)
-    if not os.path.isfile(os.path.join(workdir, 'config.json')):
-      raise ValueError(f'train.init_from {workdir}: no run there (config.json missing)')
-    # The source's own config, as this task (a model that fits is one of this task's).
-    other = type(self)(workdir_lib.read_single_run_config(workdir))
-    state, step = other.restore(workdir)
+    other, state, step, workdir = self.load_run(self.config.train.init_from, 'train.init_from')
     variables = other.variables(state)
     theirs = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
     shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
@@ -253,6 +247,18 @@ class Experiment:
     selected = workdir_lib.selected_step(manager, workdir, step)
     state, _ = checkpoint.restore(manager, selected, self.abstract_state())
     return state, int(selected)
+
+  def load_run(self, path: str, key: str) -> Tuple['Experiment', TrainState, int, str]:
+    """(experiment, state, selected step, workdir) of another run of this task: ``path``, or
+    its ``seed_<seed>`` for this run's seed when ``path`` is a seed group, rebuilt from its
+    own config.json and restored at its selected checkpoint (a teacher, a fine-tuning
+    source). ``key`` is the config key that named it, for the error."""
+    workdir = workdir_lib.seed_member(path, self.config.seed)
+    if not os.path.isfile(os.path.join(workdir, 'config.json')):
+      raise ValueError(f'{key} {workdir}: no run there (config.json missing)')
+    other = type(self)(workdir_lib.read_single_run_config(workdir))
+    state, step = other.restore(workdir)
+    return other, state, step, workdir
 
   def variables(self, state: TrainState) -> Dict[str, Any]:
     """The variables of the model a state stands for, for ``model.apply`` in evaluation,

@@ -113,8 +113,8 @@ class ClassificationExperiment(Experiment):
   def _add_pseudo_labels(self) -> None:
     """Self-training: the teacher's confident pseudo-labels join the labelled examples."""
     images, labels = self.data.splits['train']
-    index, pseudo, self.pseudo_info = semi.pseudo_labels(
-        self.config.semi, self.config.seed, self, self.unlabeled, labels)
+    index, pseudo, self.pseudo_info = semi.pseudo_labels(self.config.semi, self, self.unlabeled,
+                                                         labels)
     splits = dict(self.data.splits)
     splits['train'] = (np.concatenate([images, self.unlabeled[index]]),
                        np.concatenate([labels, pseudo]))

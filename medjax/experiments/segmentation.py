@@ -161,10 +161,9 @@ class SegmentationExperiment(Experiment):
     training_cases = {c: self.cases[c] for c in split['train']}
     self.pseudo_info = None
     # Self-training with a voxel threshold: the unsure voxels of the pseudo-label maps carry
-    # IGNORE_LABEL, which the loss leaves out.
+    # IGNORE_LABEL, which the loss leaves out (set by _pseudo_labelled_cases).
     self.ignore_label = None
     if self.semi_method == 'self_training':
-      self.ignore_label = IGNORE_LABEL if config.semi.threshold > 0 else None
       pseudo = self._pseudo_labelled_cases(split)
       training_cases = semi.with_labeled_share(training_cases, pseudo,
                                                config.semi.labeled_share)
@@ -202,7 +201,7 @@ class SegmentationExperiment(Experiment):
     of this run only, so no held-out label and no label of an unlabelled case reaches the
     student through it.
     """
-    teacher, state, step, workdir = semi.load_teacher(self.config.semi, self.config.seed, self)
+    teacher, state, step, workdir = self.load_run(self.config.semi.teacher, 'semi.teacher')
     difference = prepared_data_difference(self, teacher)
     if difference is None and sorted(split['val']) != sorted(teacher.data.splits['val']):
       difference = ('validation cases',)
@@ -219,6 +218,7 @@ class SegmentationExperiment(Experiment):
       raise ValueError(f'semi.threshold={threshold} marks unsure voxels with label '
                        f'{IGNORE_LABEL}, which is one of the {self.num_classes} classes here: '
                        'set semi.threshold=0')
+    self.ignore_label = IGNORE_LABEL if threshold > 0 else None
     rng = np.random.default_rng(self.config.seed)
     cases, confidence, kept = {}, {}, {}
     for case in split['unlabeled']:
