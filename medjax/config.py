@@ -63,6 +63,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.augment.brightness = 0.0     # additive shift uniform in [-b, +b] (normalised units)
   c.data.augment.contrast = 0.0       # multiplicative factor uniform in [1-c, 1+c]
   c.data.augment.cutout = 0.0         # side of a zeroed square, fraction of the image side
+  c.data.augment.translate = 0.0      # shift uniform in [-t, +t] x the side, per axis; 2D only
+  c.data.augment.shear_deg = 0.0      # x-shear angle uniform in [-deg, +deg]; 2D only
+  c.data.augment.blur_sigma = 0.0     # Gaussian blur, sigma uniform in [0, s] pixels; 2D only
+  c.data.augment.noise_std = 0.0      # Gaussian noise, std uniform in [0, s] (normalised units)
+  c.data.augment.op_prob = 1.0        # chance of each of affine/brightness/contrast/blur/noise
   # Few labels: keep the labels of a seeded, class-stratified subset of the training split
   # (data.labeled_count examples if > 0, else that fraction); the rest are images only.
   c.data.labeled_fraction = 1.0
@@ -116,7 +121,8 @@ def default_config() -> ml_collections.ConfigDict:
   # fixmatch: strong augmentation of the unlabelled images (the weak one is data.augment).
   c.semi.strong_augment = ml_collections.ConfigDict(dict(
       flip_lr=True, flip_ud=False, rotation_deg=30.0, scale_min=0.8, scale_max=1.2,
-      brightness=0.3, contrast=0.3, cutout=0.5))
+      brightness=0.3, contrast=0.3, cutout=0.5, translate=0.0, shear_deg=0.0, blur_sigma=0.0,
+      noise_std=0.0, op_prob=1.0))
 
   # Sliding-window inference (segmentation validation and prediction).
   c.inference = ml_collections.ConfigDict()

@@ -104,6 +104,100 @@ def test_geometric_augmentation_rejects_3d():
     _batches(x, y, aug=dict(rotation_deg=10.0))
 
 
+def _blob(size, centre, sigma=1.5):
+  """A Gaussian blob ``[size, size, 1]`` centred at ``centre`` = (y, x) pixels."""
+  yy, xx = np.mgrid[:size, :size].astype(np.float64)
+  blob = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma ** 2))
+  return blob[..., None].astype(np.float32)
+
+
+def _centroid(image):
+  yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
+  weights = image[..., 0] / image[..., 0].sum()
+  return np.array([(yy * weights).sum(), (xx * weights).sum()])
+
+
+@pytest.mark.parametrize('angle_deg,zoom,shear_deg,shift', [
+    (0.0, 1.0, 0.0, (2.5, -3.0)), (0.0, 1.0, 20.0, (0.0, 0.0)), (30.0, 1.2, 0.0, (0.0, 0.0)),
+    (-25.0, 0.9, 15.0, (1.0, 2.0))])
+def test_affine_moves_a_blob_where_the_geometry_says(angle_deg, zoom, shear_deg, shift):
+  # Forward map in (x, y) pixel coordinates about the centre c: rotate by the angle (x toward
+  # -y for positive angles, the pipeline's convention) and zoom, then shear x by tan(shear) * y,
+  # then shift. A small blob's centroid must land there (bilinear sampling, 0.15 px).
+  import tensorflow as tf
+  size, c = 40, np.array([19.5, 19.5])
+  angle, shear = np.deg2rad(angle_deg), np.deg2rad(shear_deg)
+  rotate_zoom = zoom * np.array([[np.cos(angle), np.sin(angle)],
+                                 [-np.sin(angle), np.cos(angle)]])
+  shear_m = np.array([[1.0, np.tan(shear)], [0.0, 1.0]])
+  for point_yx in [(16.0, 22.0), (23.0, 17.0)]:
+    p_xy = np.array(point_yx[::-1]) - c
+    expected_xy = c + shear_m @ rotate_zoom @ p_xy + np.array(shift[::-1])
+    out = pipeline._affine_2d(tf.constant(_blob(size, point_yx)), tf.constant(angle, tf.float32),
+                              tf.constant(zoom, tf.float32), tf.constant(shear, tf.float32),
+                              tf.constant(shift[0], tf.float32),
+                              tf.constant(shift[1], tf.float32)).numpy()
+    np.testing.assert_allclose(_centroid(out), expected_xy[::-1], atol=0.15)
+
+
+def test_gaussian_blur_matches_scipy():
+  import tensorflow as tf
+  from scipy import ndimage
+  image = np.random.default_rng(0).normal(size=(20, 24, 2)).astype(np.float32)
+  for sigma in (0.5, 1.0, 1.7):
+    radius = int(np.ceil(3 * sigma))
+    out = pipeline._gaussian_blur_2d(tf.constant(image), tf.constant(sigma, tf.float32),
+                                     radius).numpy()
+    # tf.pad's REFLECT is SciPy's 'mirror' (the edge pixel is not repeated).
+    expected = ndimage.gaussian_filter(image.astype(np.float64), (sigma, sigma, 0),
+                                       mode='mirror', truncate=radius / sigma)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def _augment_many(aug_kw, image, keys=range(200)):
+  import tensorflow as tf
+  fn = pipeline.make_augment_fn(_augment(**aug_kw), 2)
+  return np.stack([fn(tf.constant(image), tf.constant([k, 5], tf.int64)).numpy()
+                   for k in keys])
+
+
+def test_added_ops_leave_the_earlier_ops_draws_unchanged():
+  # Noise draws from its own seeds: with it, the rotation and contrast are the same, and
+  # the difference is zero-mean Gaussian noise of at most noise_std.
+  image = np.random.default_rng(1).normal(size=(16, 16, 1)).astype(np.float32)
+  base = dict(rotation_deg=20.0, contrast=0.3)
+  plain = _augment_many(base, image, range(40))
+  noisy = _augment_many(dict(base, noise_std=0.2), image, range(40))
+  residual = (noisy - plain).reshape(40, -1)
+  stds = residual.std(axis=1)
+  assert np.all(stds < 0.2 * 1.15) and stds.max() > 0.1 and stds.min() < 0.1
+  assert abs(residual.mean()) < 0.01
+
+
+def test_op_prob_applies_each_op_to_about_that_share_of_images():
+  image = np.random.default_rng(2).normal(size=(8, 8, 1)).astype(np.float32)
+  for prob in (1.0, 0.3):
+    out = _augment_many(dict(brightness=0.5, op_prob=prob), image)
+    changed = np.mean([not np.array_equal(o, image) for o in out])
+    if prob == 1.0:
+      assert changed == 1.0
+    else:
+      assert 0.2 < changed < 0.4, changed
+  # Translation alone shifts content (reflected borders keep the shape).
+  shifted = _augment_many(dict(translate=0.25), image, range(5))
+  assert shifted.shape == (5, 8, 8, 1) and not np.allclose(shifted[0], image)
+
+
+@pytest.mark.parametrize('kw,message', [
+    (dict(translate=0.5), 'translate is a fraction'), (dict(shear_deg=70.0), 'shear_deg'),
+    (dict(noise_std=-1.0), 'noise_std'), (dict(op_prob=0.0), 'op_prob')])
+def test_bad_augment_values_are_refused(kw, message):
+  with pytest.raises(ValueError, match=message):
+    pipeline.make_augment_fn(_augment(**kw), 2)
+  with pytest.raises(ValueError, match='2D-only'):
+    pipeline.make_augment_fn(_augment(blur_sigma=1.0), 3)
+
+
 def test_eval_covers_every_example_once_with_padding_mask():
   x, y = _data(n=37)
   seen_labels, total = [], 0
