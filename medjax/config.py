@@ -124,6 +124,17 @@ def default_config() -> ml_collections.ConfigDict:
       brightness=0.3, contrast=0.3, cutout=0.5, translate=0.0, shear_deg=0.0, blur_sigma=0.0,
       noise_std=0.0, op_prob=1.0))
 
+  # task='contrastive': SimCLR pretraining on the training images (medjax/experiments/
+  # contrastive.py); views under contrastive.augment, selection by kNN AUC on val.
+  c.contrastive = ml_collections.ConfigDict()
+  c.contrastive.temperature = 0.2
+  c.contrastive.projection_dim = 64    # the model's outputs (its head is the projection)
+  c.contrastive.knn_k = 10             # labelled neighbours voting in the evaluation
+  c.contrastive.augment = ml_collections.ConfigDict(dict(
+      flip_lr=True, flip_ud=False, rotation_deg=20.0, scale_min=0.8, scale_max=1.2,
+      brightness=0.3, contrast=0.3, cutout=0.25, translate=0.1, shear_deg=0.0, blur_sigma=1.0,
+      noise_std=0.1, op_prob=0.8))
+
   # Sliding-window inference (segmentation validation and prediction).
   c.inference = ml_collections.ConfigDict()
   c.inference.overlap = 0.5
@@ -187,6 +198,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Fine-tuning: a workdir (or a seed group: its seed_<K> for seed K) whose selected model
   # (its parameter average if it kept one) starts this run; optimizer and step start fresh.
   c.train.init_from = ''
+  # Regexes of variable paths ('params/Dense_1/kernel') that init_from leaves at their fresh
+  # values: a new head, e.g. ('Dense_1',) after contrastive pretraining.
+  c.train.init_from_skip = ()
   return c
 
 

@@ -105,3 +105,17 @@ def classification_loss(task: str, logits: jax.Array, labels: jax.Array, *, name
   if name == 'focal':
     return focal_loss(logits, labels, focal_gamma, class_weights)
   raise ValueError(f"unknown loss '{name}'; expected 'ce' or 'focal'")
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """SimCLR's normalised-temperature cross-entropy (Chen et al. 2020) of two views' embeddings
+  ``z1``, ``z2`` ``[B, D]`` (row i of each: the same image): each of the ``2B`` embeddings
+  must pick its other view among the other ``2B - 1`` by cosine similarity / ``temperature``.
+  Returns the mean over the ``2B`` rows."""
+  z = jnp.concatenate([z1, z2]).astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  n = z.shape[0]
+  logits = z @ z.T / temperature
+  logits = jnp.where(jnp.eye(n, dtype=bool), -1e9, logits)  # never its own partner
+  partner = (jnp.arange(n) + n // 2) % n
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, partner))

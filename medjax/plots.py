@@ -237,7 +237,7 @@ def write_run_plots(workdir: str, splits: Sequence[str] = ('val', 'test'),
       with np.load(path) as f:
         labels, scores = f['labels'], f['scores']
         names = [str(n) for n in f['class_names']]
-      task = results.get('task') or config['task']
+      task = results.get('scores_task') or results.get('task') or config['task']
       written[f'roc_{split}'] = save(roc_figure(task, labels, scores, names,
                                                 f'ROC, {split} split'),
                                      os.path.join(out_dir, f'roc_{split}.png'))

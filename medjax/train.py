@@ -324,6 +324,8 @@ def finalize(exp: Experiment, manager, workdir: str,
       'selection_mode': exp.config.train.selection_mode,
       'task': exp.task, 'dataset': exp.dataset_name, 'class_names': list(exp.class_names),
       'seed': exp.config.seed, 'versions': workdir_lib.versions()}
+  if exp.scores_task:
+    results['scores_task'] = exp.scores_task
   for split in exp.eval_splits:
     split_metrics, predictions = exp.evaluate(state, split)
     results[split] = split_metrics

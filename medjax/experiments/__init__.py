@@ -7,6 +7,8 @@ found by ``config.task`` in one table.
 ``auto``, ``binary``, ``multiclass``, ``ordinal``,     :class:`ClassificationExperiment`
 ``multilabel``
 ``segmentation``                                       :class:`SegmentationExperiment`
+``contrastive``                                        :class:`ContrastiveExperiment`
+                                                       (SimCLR pretraining, no labels)
 =====================================================  ===================================
 
 A new task is one new module: subclass ``Experiment`` (see its docstring for what to
@@ -16,35 +18,18 @@ with the same loop, checkpoints, resume and workdir files.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
-
-import ml_collections
-
 from medjax import tasks
-from medjax.experiments.base import Experiment, TrainingDiverged, TrainState
+from medjax.experiments.base import (TASKS, Experiment, TrainingDiverged, TrainState,
+                                     make_experiment, register_task)
 from medjax.experiments.classification import ClassificationExperiment
+from medjax.experiments.contrastive import ContrastiveExperiment
 from medjax.experiments.segmentation import SegmentationExperiment
 
 __all__ = ['Experiment', 'TrainState', 'TrainingDiverged', 'ClassificationExperiment',
-           'SegmentationExperiment', 'TASKS', 'register_task', 'make_experiment']
+           'SegmentationExperiment', 'ContrastiveExperiment', 'TASKS', 'register_task',
+           'make_experiment']
 
-# config.task -> the experiment class (or any callable config -> Experiment).
-TASKS: Dict[str, Callable[[ml_collections.ConfigDict], Experiment]] = {
-    **{task: ClassificationExperiment for task in ('auto',) + tasks.TASKS},
-    'segmentation': SegmentationExperiment,
-}
-
-
-def register_task(name: str, experiment: Callable[[ml_collections.ConfigDict], Experiment]
-                  ) -> None:
-  """Makes ``config.task = name`` build ``experiment(config)``."""
-  if name in TASKS and TASKS[name] is not experiment:
-    raise ValueError(f"task '{name}' is already registered ({TASKS[name].__name__})")
-  TASKS[name] = experiment
-
-
-def make_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """The experiment for ``config.task`` (config already resolved)."""
-  if config.task not in TASKS:
-    raise ValueError(f"unknown task '{config.task}'; expected one of {', '.join(TASKS)}")
-  return TASKS[config.task](config)
+for _task in ('auto',) + tasks.TASKS:
+  register_task(_task, ClassificationExperiment)
+register_task('segmentation', SegmentationExperiment)
+register_task('contrastive', ContrastiveExperiment)

@@ -32,6 +32,8 @@ and implements:
 ``ensemble(workdirs, s)``   optional: metrics and predictions of several runs' mean
                             prediction on split ``s`` (the seed ensemble of ``train.seeds``)
 ``dataset_name``            the name ``results.json`` records
+``scores_task``             optional: the classification task its predictions' scores
+                            follow when it is not ``task`` (plots, reports)
 ``class_names``             one name per class (or label)
 ==========================  ===============================================================
 
@@ -41,7 +43,8 @@ and registers itself with :func:`medjax.experiments.register_task`.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+import re
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -67,13 +70,21 @@ class TrainState:
   loss_state: Any = flax.struct.field(default_factory=dict)
 
 
+def path_name(path) -> str:
+  """A pytree key path as ``'params/Dense_1/kernel'``."""
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def named_leaves(tree: Any) -> Dict[str, Any]:
+  """``{path name: leaf}`` of a pytree (:func:`path_name`)."""
+  return {path_name(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def tree_difference(ours: Any, theirs: Any) -> Optional[str]:
   """The first variable (by path) that one tree lacks or that has another shape, in words;
   None when both trees have the same paths and shapes."""
-  def shapes(tree):
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
-            for path, leaf in leaves}
+  shapes = lambda tree: {k: tuple(v.shape) for k, v in named_leaves(tree).items()}  # noqa: E731
   ours, theirs = shapes(ours), shapes(theirs)
   for path in sorted(set(ours) | set(theirs)):
     if path not in theirs:
@@ -83,6 +94,26 @@ def tree_difference(ours: Any, theirs: Any) -> Optional[str]:
     if ours[path] != theirs[path]:
       return f"'{path}' is {theirs[path]} there, {ours[path]} here"
   return None
+
+
+# config.task -> the experiment class (or any callable config -> Experiment); filled by
+# medjax.experiments (the built-in tasks) and register_task.
+TASKS: Dict[str, Callable[[ml_collections.ConfigDict], 'Experiment']] = {}
+
+
+def register_task(name: str, experiment: Callable[[ml_collections.ConfigDict], 'Experiment']
+                  ) -> None:
+  """Makes ``config.task = name`` build ``experiment(config)``."""
+  if name in TASKS and TASKS[name] is not experiment:
+    raise ValueError(f"task '{name}' is already registered ({TASKS[name].__name__})")
+  TASKS[name] = experiment
+
+
+def make_experiment(config: ml_collections.ConfigDict) -> 'Experiment':
+  """The experiment for ``config.task`` (config already resolved)."""
+  if config.task not in TASKS:
+    raise ValueError(f"unknown task '{config.task}'; expected one of {', '.join(TASKS)}")
+  return TASKS[config.task](config)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -97,6 +128,7 @@ class Experiment:
   available_splits: Tuple[str, ...] = ('train', 'val', 'test')
   dataset_name: str = ''
   class_names: Sequence[str] = ()
+  scores_task: str = ''
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -205,31 +237,43 @@ class Experiment:
       return state
     return jax.jit(self._warm_start_impl, out_shardings=self.replicated)(state, start)
 
-  def _warm_start_impl(self, state: TrainState, variables: Dict[str, Any]) -> TrainState:
-    """``state`` with the given model variables and a fresh optimizer state for them."""
-    params = jax.tree.map(lambda ours, theirs: theirs.astype(ours.dtype), state.params,
-                          variables['params'])
-    batch_stats = jax.tree.map(lambda ours, theirs: theirs.astype(ours.dtype),
-                               state.batch_stats, variables['batch_stats'])
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=self.tx.init(params))
+  def _warm_start_impl(self, state: TrainState, start: Dict[str, Any]) -> TrainState:
+    """``state`` with the model variables named in ``start`` (``{path name: array}``, see
+    :func:`named_leaves`; the others keep their fresh values) and a fresh optimizer state."""
+    def pick(path, ours):
+      name = path_name(path)
+      return start[name].astype(ours.dtype) if name in start else ours
+    model = jax.tree_util.tree_map_with_path(
+        pick, {'params': state.params, 'batch_stats': state.batch_stats})
+    return state.replace(params=model['params'], batch_stats=model['batch_stats'],
+                         opt_state=self.tx.init(model['params']))
 
   def warm_start_variables(self) -> Optional[Dict[str, Any]]:
-    """``{'params', 'batch_stats'}`` of the model that starts a fresh run with
+    """``{path name: array}`` of the model variables that start a fresh run with
     ``train.init_from`` (that run's selected checkpoint, its parameter average if it kept
     one; seed K of a seed group starts from the group's ``seed_<K>``), checked against this
-    model's variable names and shapes; None without ``train.init_from``."""
+    model's variable names and shapes; those matching a ``train.init_from_skip`` pattern
+    (e.g. a new head) are left out and start fresh. None without ``train.init_from``."""
     if not self.config.train.init_from:
       return None
     other, state, step, workdir = self.load_run(self.config.train.init_from, 'train.init_from')
     variables = other.variables(state)
-    theirs = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    skip = [re.compile(p) for p in self.config.train.init_from_skip]
+    kept = lambda tree: {k: v for k, v in named_leaves(tree).items()  # noqa: E731
+                         if not any(p.search(k) for p in skip)}
+    theirs = kept({'params': variables['params'],
+                   'batch_stats': variables.get('batch_stats', {})})
     shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
-    difference = tree_difference({'params': shapes.params, 'batch_stats': shapes.batch_stats},
-                                 theirs)
+    ours = kept({'params': shapes.params, 'batch_stats': shapes.batch_stats})
+    difference = tree_difference(ours, theirs)
     if difference:
       raise ValueError(f'train.init_from {workdir}: its model does not fit this one: '
-                       f'{difference}')
-    print(f'Starting from the model of {os.path.abspath(workdir)} (step {step})')
+                       f'{difference} (train.init_from_skip=<regex> starts the variables '
+                       'it matches fresh, e.g. a new head)')
+    skipped = len(named_leaves(shapes.params)) + len(named_leaves(shapes.batch_stats)) - len(
+        ours)
+    print(f'Starting from the model of {os.path.abspath(workdir)} (step {step})'
+          + (f'; {skipped} variables start fresh (train.init_from_skip)' if skipped else ''))
     return jax.device_get(theirs)
 
   def abstract_state(self) -> TrainState:
@@ -252,11 +296,12 @@ class Experiment:
     """(experiment, state, selected step, workdir) of another run of this task: ``path``, or
     its ``seed_<seed>`` for this run's seed when ``path`` is a seed group, rebuilt from its
     own config.json and restored at its selected checkpoint (a teacher, a fine-tuning
-    source). ``key`` is the config key that named it, for the error."""
+    source; of its own task, e.g. a contrastive pretraining run). ``key`` is the config key
+    that named it, for the error."""
     workdir = workdir_lib.seed_member(path, self.config.seed)
     if not os.path.isfile(os.path.join(workdir, 'config.json')):
       raise ValueError(f'{key} {workdir}: no run there (config.json missing)')
-    other = type(self)(workdir_lib.read_single_run_config(workdir))
+    other = make_experiment(workdir_lib.read_single_run_config(workdir))
     state, step = other.restore(workdir)
     return other, state, step, workdir
 
