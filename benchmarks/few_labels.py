@@ -6,7 +6,9 @@ labels, at several label fractions, each as a group of seeds in one program.
 
 Recipe: configs/few_labels.py:<dataset> (every run the same number of steps; FixMatch with
 its threshold of 0.8, METHOD_OVERRIDES). Self-training's
-teacher is the labelled-only run of the same fraction and seed. Finished runs (a
+teacher is the labelled-only run of the same fraction and seed. ``simclr`` and
+``simclr_fixmatch`` fine-tune (labelled only / FixMatch) from a SimCLR pretraining run on
+every training image (task 'contrastive', PRETRAIN_OVERRIDES) with a fresh head. Finished runs (a
 summary.json) are reused, so an interrupted benchmark continues where it stopped. Prints a
 table of test AUC / accuracy (mean +- sd over seeds) and the share of the gap between
 labelled-only and all labels that each method recovers (with a 95 % interval from resampling
@@ -29,11 +31,19 @@ from results_table import share_of_gap, share_of_gap_interval, write_results  # 
 from medjax import config as config_lib, train as train_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ('none', 'self_training', 'fixmatch')
+METHODS = ('none', 'self_training', 'fixmatch', 'simclr', 'simclr_fixmatch')
 # FixMatch's confidence threshold in this recipe (configs/few_labels.py's docstring); self-
 # training keeps the recipe's 0.95.
-METHOD_OVERRIDES = {'fixmatch': ['semi.threshold=0.8']}
+METHOD_OVERRIDES = {'fixmatch': ['semi.threshold=0.8'],
+                    'simclr': ['semi.method=none'],
+                    'simclr_fixmatch': ['semi.method=fixmatch', 'semi.threshold=0.8']}
+# SimCLR pretraining on every training image (task 'contrastive'), one run per fraction and
+# seed (its kNN evaluation reads that seed's labelled subset); the simclr* methods fine-tune
+# from it with a fresh head (the recipe's simple_cnn calls its head Dense_1).
+PRETRAIN_OVERRIDES = ['task=contrastive', 'train.batch_size=128', 'train.num_epochs=100']
+FRESH_HEAD = "train.init_from_skip=('Dense_1/',)"
 LABELS = {'none': 'labelled only', 'self_training': 'self-training', 'fixmatch': 'FixMatch',
+          'simclr': 'SimCLR + labels', 'simclr_fixmatch': 'SimCLR + FixMatch',
           'all': 'all labels'}
 
 
@@ -98,15 +108,25 @@ def main() -> None:
     base_dir = os.path.join(root, f'{fraction:g}', 'none')
     for method in methods:
       workdir = os.path.join(root, f'{fraction:g}', method)
-      overrides = [f'data.labeled_fraction={fraction}', f'semi.method={method}',
-                   *METHOD_OVERRIDES.get(method, []), *extra]
+      labeled = f'data.labeled_fraction={fraction}'
+      overrides = [labeled, f'semi.method={method}', *METHOD_OVERRIDES.get(method, []), *extra]
       if method == 'self_training':
-        run(args.dataset, base_dir, seeds, [f'data.labeled_fraction={fraction}', *extra])
+        run(args.dataset, base_dir, seeds, [labeled, *extra])
         overrides.append(f'semi.teacher={base_dir}')
+      pretrained = None
+      if method.startswith('simclr'):
+        pretrain_dir = os.path.join(root, f'{fraction:g}', 'simclr_pretraining')
+        pretrained = run(args.dataset, pretrain_dir, seeds,
+                         [labeled, *PRETRAIN_OVERRIDES, *extra])
+        overrides = [labeled, *METHOD_OVERRIDES[method], f'train.init_from={pretrain_dir}',
+                     FRESH_HEAD, *extra]
       summary = run(args.dataset, workdir, seeds, overrides)
       rows.append({'fraction': fraction, 'method': method, 'auc': cell(summary, 'auc'),
                    'accuracy': cell(summary, 'accuracy'),
                    'wall_time_s': summary['wall_time_s']})
+      if pretrained is not None:
+        rows[-1]['pretraining'] = {'knn_auc': cell(pretrained, 'auc'),
+                                   'wall_time_s': pretrained['wall_time_s']}
   # Share of the labelled-only -> all-labels gap each method recovers (test AUC means).
   for row in rows:
     base = next((r for r in rows if r['fraction'] == row['fraction'] and r['method'] == 'none'),
@@ -120,11 +140,11 @@ def main() -> None:
 
   print(f"\n{args.dataset}: test AUC / ACC, mean ± sd over seeds {seeds} "
         '(configs/few_labels.py)')
-  print(f"{'labels':>8} {'method':<15} {'AUC':>17} {'ACC':>17} {'gap recovered [95 %]':>24} "
+  print(f"{'labels':>8} {'method':<18} {'AUC':>17} {'ACC':>17} {'gap recovered [95 %]':>24} "
         f"{'wall s':>8}")
   for row in rows:
     recovered = row.get('auc_gap_recovered')
-    print(f"{row['fraction']:>8.0%} {LABELS[row['method']]:<15} "
+    print(f"{row['fraction']:>8.0%} {LABELS[row['method']]:<18} "
           f"{row['auc']['mean']:>8.3f} ± {row['auc']['sd']:.3f} "
           f"{row['accuracy']['mean']:>8.3f} ± {row['accuracy']['sd']:.3f} "
           f"{gap_text(row, recovered):>24} {row['wall_time_s']:>8.0f}")
