@@ -107,6 +107,10 @@ def test_pretraining_then_fine_tuning_with_a_new_head(tmp_path):
   with pytest.raises(ValueError, match=r"'params/Dense_1/bias' is \(64,\) there, \(2,\) here "
                                        r'\(train.init_from_skip'):
     make_experiment(config_lib.resolve(_config(f'train.init_from={pretrained}'))).init_state()
+  with pytest.raises(ValueError, match="init_from_skip 'Head/' matches no variable of this "
+                                       "model \\(names look like 'params/Conv_0/bias'\\)"):
+    make_experiment(config_lib.resolve(_config(f'train.init_from={pretrained}',
+                                                "train.init_from_skip=('Head/',)"))).init_state()
 
 
 def test_bad_contrastive_settings_are_refused():

@@ -264,14 +264,18 @@ class Experiment:
     theirs = kept({'params': variables['params'],
                    'batch_stats': variables.get('batch_stats', {})})
     shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
+    names = named_leaves({'params': shapes.params, 'batch_stats': shapes.batch_stats})
+    for pattern in skip:
+      if not any(pattern.search(name) for name in names):
+        raise ValueError(f"train.init_from_skip '{pattern.pattern}' matches no variable of "
+                         f"this model (names look like '{next(iter(names))}')")
     ours = kept({'params': shapes.params, 'batch_stats': shapes.batch_stats})
     difference = tree_difference(ours, theirs)
     if difference:
       raise ValueError(f'train.init_from {workdir}: its model does not fit this one: '
                        f'{difference} (train.init_from_skip=<regex> starts the variables '
                        'it matches fresh, e.g. a new head)')
-    skipped = len(named_leaves(shapes.params)) + len(named_leaves(shapes.batch_stats)) - len(
-        ours)
+    skipped = len(names) - len(ours)
     print(f'Starting from the model of {os.path.abspath(workdir)} (step {step})'
           + (f'; {skipped} variables start fresh (train.init_from_skip)' if skipped else ''))
     return jax.device_get(theirs)
