@@ -24,6 +24,14 @@ class ConfigError(ValueError):
   """A config that cannot be used: unknown key, wrong type, bad value, bad file."""
 
 
+def _augment_like(base: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDict:
+  """An augmentation section with ``base``'s keys (``data.augment``'s ops), these values
+  changed: every augmentation section has every op."""
+  section = ml_collections.ConfigDict(base.to_dict())
+  section.update(values)
+  return section
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every config key medjax understands, with its default."""
   c = ml_collections.ConfigDict()
@@ -119,10 +127,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.semi.noise_std = 0.1              # mean_teacher: Gaussian input noise, student and teacher
   c.semi.ramp_up_fraction = 0.25      # mean_teacher: consistency weight's sigmoid ramp-up
   # fixmatch: strong augmentation of the unlabelled images (the weak one is data.augment).
-  c.semi.strong_augment = ml_collections.ConfigDict(dict(
-      flip_lr=True, flip_ud=False, rotation_deg=30.0, scale_min=0.8, scale_max=1.2,
-      brightness=0.3, contrast=0.3, cutout=0.5, translate=0.0, shear_deg=0.0, blur_sigma=0.0,
-      noise_std=0.0, op_prob=1.0))
+  c.semi.strong_augment = _augment_like(
+      c.data.augment, flip_lr=True, rotation_deg=30.0, scale_min=0.8, scale_max=1.2,
+      brightness=0.3, contrast=0.3, cutout=0.5)
 
   # task='contrastive': SimCLR pretraining on the training images (medjax/experiments/
   # contrastive.py); views under contrastive.augment, selection by kNN AUC on val.
@@ -130,10 +137,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.contrastive.temperature = 0.2
   c.contrastive.projection_dim = 64    # the model's outputs (its head is the projection)
   c.contrastive.knn_k = 10             # labelled neighbours voting in the evaluation
-  c.contrastive.augment = ml_collections.ConfigDict(dict(
-      flip_lr=True, flip_ud=False, rotation_deg=20.0, scale_min=0.8, scale_max=1.2,
-      brightness=0.3, contrast=0.3, cutout=0.25, translate=0.1, shear_deg=0.0, blur_sigma=1.0,
-      noise_std=0.1, op_prob=0.8))
+  c.contrastive.augment = _augment_like(
+      c.data.augment, flip_lr=True, rotation_deg=20.0, scale_min=0.8, scale_max=1.2,
+      brightness=0.3, contrast=0.3, cutout=0.25, translate=0.1, blur_sigma=1.0, noise_std=0.1,
+      op_prob=0.8)
 
   # Sliding-window inference (segmentation validation and prediction).
   c.inference = ml_collections.ConfigDict()

@@ -70,6 +70,26 @@ def ensemble_predictions(workdirs: Sequence[str], split: str, task: str
   return result, {'index': runs[0]['index'], 'labels': runs[0]['labels'], 'scores': scores}
 
 
+def outputs_in_batches(exp: Experiment, step, images: np.ndarray, labels: np.ndarray,
+                       pixel_max: float) -> tuple:
+  """Each output of ``step(images, labels)`` (a compiled step on one global eval batch,
+  its outputs replicated) over raw ``images`` ``[N, *spatial, C]``, normalised as in training,
+  concatenated in dataset order with the padding dropped."""
+  cfg = exp.config.data
+  batches = pipeline.eval_batches(
+      images, labels, global_batch=exp.config.train.eval_batch_size, pixel_max=pixel_max,
+      mean=cfg.mean, std=cfg.std, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  outputs, masks = [], []
+  for batch_images, batch_labels, global_mask in batches:
+    out = step(exp.global_array(batch_images), exp.global_array(batch_labels))
+    # Outputs are replicated: every process holds the whole global batch.
+    outputs.append([np.asarray(o.addressable_data(0)) for o in out])
+    masks.append(global_mask)
+  mask = np.concatenate(masks).astype(bool)
+  return tuple(np.concatenate(parts)[mask] for parts in zip(*outputs))
+
+
 class ClassificationExperiment(Experiment):
   """A classification config bound to its data, model and compiled steps."""
 
@@ -235,22 +255,8 @@ class ClassificationExperiment(Experiment):
 
   def _predict(self, state: TrainState, images: np.ndarray, labels: np.ndarray
                ) -> Dict[str, np.ndarray]:
-    cfg = self.config.data
-    batches = pipeline.eval_batches(
-        images, labels, global_batch=self.config.train.eval_batch_size,
-        pixel_max=self.data.pixel_max, mean=cfg.mean, std=cfg.std,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    all_scores, all_losses, all_masks = [], [], []
-    for batch_images, batch_labels, global_mask in batches:
-      scores, loss = self._eval_step(state, self.global_array(batch_images),
-                                     self.global_array(batch_labels))
-      # Outputs are replicated: every process holds the whole global batch.
-      all_scores.append(np.asarray(scores.addressable_data(0)))
-      all_losses.append(np.asarray(loss.addressable_data(0)))
-      all_masks.append(global_mask)
-    mask = np.concatenate(all_masks).astype(bool)
-    scores = np.concatenate(all_scores)[mask]
-    per_example_loss = np.concatenate(all_losses)[mask]
+    scores, per_example_loss = outputs_in_batches(
+        self, lambda x, y: self._eval_step(state, x, y), images, labels, self.data.pixel_max)
     return {'index': np.arange(len(labels)), 'labels': labels, 'scores': scores,
             'loss': per_example_loss}
 

@@ -31,7 +31,7 @@ from medjax import losses, metrics as metrics_lib, semi
 from medjax.data import few_labels, load_data, pipeline
 from medjax.experiments.base import Experiment, TrainState
 from medjax.experiments.classification import (HEADLINE_METRICS, ensemble_predictions,
-                                               save_predictions)
+                                               outputs_in_batches, save_predictions)
 
 
 def knn_class_scores(reference: np.ndarray, reference_labels: np.ndarray, queries: np.ndarray,
@@ -122,17 +122,9 @@ class ContrastiveExperiment(Experiment):
   # ----- evaluation ----------------------------------------------------------------------
   def embed(self, state: TrainState, images: np.ndarray) -> np.ndarray:
     """The model's outputs ``[N, projection_dim]`` for raw images ``[N, *spatial, C]``."""
-    cfg = self.config.data
-    batches = pipeline.eval_batches(
-        images, np.zeros(len(images), np.int32), global_batch=self.config.train.eval_batch_size,
-        pixel_max=self.pixel_max, mean=cfg.mean, std=cfg.std,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    out, masks = [], []
-    for batch_images, _, global_mask in batches:
-      embedded = self._embed(state, self.global_array(batch_images))
-      out.append(np.asarray(embedded.addressable_data(0)))
-      masks.append(global_mask)
-    return np.concatenate(out)[np.concatenate(masks).astype(bool)]
+    embedded, = outputs_in_batches(self, lambda x, _: (self._embed(state, x),), images,
+                                   np.zeros(len(images), np.int32), self.pixel_max)
+    return embedded
 
   def evaluate(self, state: TrainState, split: str):
     reference_images, reference_labels = self.data.splits['train']
