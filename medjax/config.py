@@ -109,8 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = 'simple_cnn'
 
   # Semi-supervised learning from the unlabelled rest of the training split (medjax/semi.py):
-  # 'none'; classification: 'fixmatch' (consistency loss in the same run) | 'self_training'
-  # (a trained teacher's confident pseudo-labels join the labelled data); segmentation:
+  # 'none'; classification: 'fixmatch' (consistency loss in the same run) | 'mixmatch'
+  # (guessed labels and mixup, in the same run) | 'self_training' (a trained teacher's
+  # confident pseudo-labels join the labelled data); segmentation:
   # 'mean_teacher' (consistency with the parameters' moving average, in the same run).
   c.semi = ml_collections.ConfigDict()
   c.semi.method = 'none'
@@ -118,14 +119,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.semi.threshold = 0.95             # confidence a pseudo-label needs
   c.semi.class_balance = True         # self_training: pseudo-labels follow the labelled prior
   c.semi.labeled_share = 0.5          # segmentation self_training: labelled share of cases drawn
-  c.semi.unlabeled_ratio = 2          # fixmatch, mean_teacher: unlabelled per labelled in a step
-  c.semi.weight = 1.0                 # fixmatch, mean_teacher: weight of the unlabelled loss
+  c.semi.unlabeled_ratio = 2          # fixmatch, mixmatch, mean_teacher: unlabelled per labelled
+  c.semi.weight = 1.0                 # fixmatch, mixmatch, mean_teacher: unlabelled loss weight
   c.semi.threshold_mode = 'fixed'     # fixmatch: 'fixed' (semi.threshold) or 'self_adaptive'
   c.semi.threshold_momentum = 0.99    # self_adaptive: running-average momentum (FreeMatch)
-  c.semi.distribution_alignment = False  # fixmatch: align p_weak to the labelled class prior
+  c.semi.distribution_alignment = False  # fixmatch, mixmatch: align guesses to the labelled prior
   c.semi.ema_decay = 0.99             # mean_teacher: the teacher's parameter average
   c.semi.noise_std = 0.1              # mean_teacher: Gaussian input noise, student and teacher
-  c.semi.ramp_up_fraction = 0.25      # mean_teacher: consistency weight's sigmoid ramp-up
+  c.semi.ramp_up_fraction = 0.25      # mean_teacher, mixmatch: unlabelled weight's sigmoid ramp-up
+  c.semi.sharpen_temperature = 0.5    # mixmatch: guessed labels p^(1/T), renormalised
+  c.semi.mixup_alpha = 0.75           # mixmatch: mixup weight ~ Beta(alpha, alpha)
   # fixmatch: strong augmentation of the unlabelled images (the weak one is data.augment).
   c.semi.strong_augment = _augment_like(
       c.data.augment, flip_lr=True, rotation_deg=30.0, scale_min=0.8, scale_max=1.2,

@@ -29,6 +29,22 @@ labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
   on the unlabelled images (``semi.threshold_momentum``), carried in
   ``TrainState.loss_state`` (:func:`adaptive_thresholds`).
 
+* ``'mixmatch'`` (Berthelot et al. 2019), in one run: each step also takes
+  ``semi.unlabeled_ratio`` x batch unlabelled images, each weakly augmented twice
+  (``data.augment``, two independent draws). The current model's predictions on the two
+  views, averaged and sharpened (``p^(1/T)`` renormalised, ``T = semi.sharpen_temperature``),
+  are the unlabelled images' guessed labels (with ``semi.distribution_alignment``, aligned
+  to the labelled class prior before sharpening, as in ReMixMatch: sharpening alone pushes
+  the guesses of an imbalanced set towards its majority class); labelled (one-hot) and unlabelled rows are then
+  mixed with a shuffled partner of the whole batch (mixup, ``lambda ~ Beta(alpha, alpha)``
+  per row with ``alpha = semi.mixup_alpha``, kept ``>= 1/2`` so a row stays closest to
+  itself), and ``loss = CE(mixed labelled rows, mixed targets) + semi.weight * ramp(t) *
+  MSE(softmax, mixed guessed labels)`` over the mixed unlabelled rows (:func:`mixmatch_loss`;
+  the weight ramped up over ``semi.ramp_up_fraction`` of training as for the mean teacher).
+  The guess is not differentiated. Huang et al. (2023, "Systematic comparison of semi- and
+  self-supervised learning for medical image classification") found it the most reliable
+  semi-supervised method across their four medical datasets.
+
 Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled training
 *cases*; the rest are read as images only):
 
@@ -64,7 +80,7 @@ import numpy as np
 from medjax import tasks
 from medjax.data import few_labels
 
-CLASSIFICATION_METHODS = ('none', 'fixmatch', 'self_training')
+CLASSIFICATION_METHODS = ('none', 'fixmatch', 'mixmatch', 'self_training')
 SEGMENTATION_METHODS = ('none', 'mean_teacher', 'self_training')
 THRESHOLD_MODES = ('fixed', 'self_adaptive')
 
@@ -97,7 +113,15 @@ def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool)
                      f'(its per-step thresholds); {method} uses semi.threshold')
   if not 0.0 <= cfg.threshold_momentum < 1.0:
     raise ValueError(f'semi.threshold_momentum must be in [0, 1), got {cfg.threshold_momentum}')
-  if method in ('fixmatch', 'mean_teacher') and cfg.unlabeled_ratio < 1:
+  if method == 'mixmatch' and task not in ('binary', 'multiclass'):
+    raise ValueError(f'semi.method=mixmatch mixes one-hot labels with softmax guesses: it '
+                     f'needs a binary or multiclass task, not {task}')
+  if method == 'mixmatch' and not 0.0 < cfg.sharpen_temperature <= 1.0:
+    raise ValueError(f'semi.sharpen_temperature must be in (0, 1], got '
+                     f'{cfg.sharpen_temperature}')
+  if method == 'mixmatch' and cfg.mixup_alpha <= 0:
+    raise ValueError(f'semi.mixup_alpha must be > 0, got {cfg.mixup_alpha}')
+  if method in ('fixmatch', 'mixmatch', 'mean_teacher') and cfg.unlabeled_ratio < 1:
     raise ValueError(f'semi.unlabeled_ratio must be >= 1, got {cfg.unlabeled_ratio}')
   return method
 
@@ -168,6 +192,53 @@ def masked_consistency(probabilities: jax.Array, strong_logits: jax.Array, thres
   mask = (jnp.max(probabilities, axis=-1) >= thresholds[pseudo]).astype(jnp.float32)
   losses = per_example_loss(strong_logits, pseudo)
   return jnp.mean(losses * mask), jnp.mean(mask)
+
+
+# ----- MixMatch ------------------------------------------------------------------------------
+def sharpen(probabilities: jax.Array, temperature: float) -> jax.Array:
+  """MixMatch's sharpening: ``p^(1/T)`` renormalised per row (``T`` -> 0: one-hot).
+  ``probabilities`` ``[N, K]``."""
+  sharpened = probabilities ** (1.0 / temperature)
+  return sharpened / jnp.sum(sharpened, axis=-1, keepdims=True)
+
+
+def guess_labels(probabilities_per_view, temperature: float,
+                 class_prior: Optional[jax.Array] = None) -> jax.Array:
+  """The guessed labels ``[U, K]`` of unlabelled images from the model's probabilities on
+  each of their augmented views (a list of ``[U, K]``): averaged, distribution-aligned to
+  ``class_prior`` ``[K]`` if given (:func:`align_distribution`, as ReMixMatch does before
+  sharpening), sharpened, and not differentiated."""
+  mean = jnp.mean(jnp.stack(probabilities_per_view), axis=0)
+  if class_prior is not None:
+    mean = align_distribution(mean, class_prior)
+  return jax.lax.stop_gradient(sharpen(mean, temperature))
+
+
+def mixup(key: jax.Array, images: jax.Array, targets: jax.Array, alpha: float
+          ) -> Tuple[jax.Array, jax.Array]:
+  """Each row mixed with a partner from a random permutation of all rows (MixMatch's
+  mixup): ``lambda' x_i + (1 - lambda') x_perm(i)`` and the same for its target, with
+  ``lambda ~ Beta(alpha, alpha)`` per row and ``lambda' = max(lambda, 1 - lambda)``.
+  ``images`` ``[N, ...]``, ``targets`` ``[N, K]`` (one-hot or soft)."""
+  perm_key, beta_key = jax.random.split(key)
+  partner = jax.random.permutation(perm_key, images.shape[0])
+  lam = jax.random.beta(beta_key, alpha, alpha, (images.shape[0],))
+  lam = jnp.maximum(lam, 1.0 - lam)
+  mix = lambda x: (lam.reshape((-1,) + (1,) * (x.ndim - 1)) * x  # noqa: E731
+                   + (1.0 - lam.reshape((-1,) + (1,) * (x.ndim - 1))) * x[partner])
+  return mix(images), mix(targets.astype(images.dtype))
+
+
+def mixmatch_loss(labeled_logits: jax.Array, labeled_targets: jax.Array,
+                  unlabeled_logits: jax.Array, unlabeled_targets: jax.Array,
+                  weight) -> jax.Array:
+  """``mean_x CE(softmax(logits), target) + weight * mean_u mean_k (softmax - target)^2``:
+  MixMatch's loss on the mixed rows (soft targets ``[N, K]``; the squared error averaged
+  over classes as well, the paper's ``1 / (K |U'|)``)."""
+  log_p = jax.nn.log_softmax(labeled_logits.astype(jnp.float32), axis=-1)
+  supervised = -jnp.mean(jnp.sum(labeled_targets * log_p, axis=-1))
+  q = jax.nn.softmax(unlabeled_logits.astype(jnp.float32), axis=-1)
+  return supervised + weight * jnp.mean((q - unlabeled_targets) ** 2)
 
 
 # ----- FreeMatch's self-adaptive thresholds -------------------------------------------------

@@ -78,8 +78,16 @@ def test_semi_methods_refuse_configs_they_cannot_use():
     make_experiment(_config('semi.method=fixmatch'))
   with pytest.raises(ValueError, match='needs semi.teacher'):
     make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=self_training'))
-  with pytest.raises(ValueError, match="unknown semi.method 'mixmatch'"):
-    make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=mixmatch'))
+  with pytest.raises(ValueError, match="unknown semi.method 'vat'"):
+    make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=vat'))
+  with pytest.raises(ValueError, match='mixmatch .* binary or multiclass task, not ordinal'):
+    semi.check_method(_config('semi.method=mixmatch').semi, 'ordinal', True)
+  with pytest.raises(ValueError, match=r'semi.sharpen_temperature must be in \(0, 1\]'):
+    make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=mixmatch',
+                            'semi.sharpen_temperature=0'))
+  with pytest.raises(ValueError, match='loss.name must be ce'):
+    make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=mixmatch',
+                            'loss.name=focal'))
   with pytest.raises(ValueError, match='multi-label data has no single pseudo-label'):
     semi.check_method(_config('semi.method=fixmatch').semi, 'multilabel', True)
 
@@ -110,7 +118,7 @@ def _train_params(config, data, steps=6):
   return np.array(losses), jax.device_get(state.params)
 
 
-@pytest.mark.parametrize('method', ['none', 'fixmatch'])
+@pytest.mark.parametrize('method', ['none', 'fixmatch', 'mixmatch'])
 def test_labels_of_unlabelled_images_never_reach_the_loss(method, monkeypatch):
   """With the same labelled subset, changing every unlabelled image's label changes nothing
   (bit-identical losses and parameters); changing one labelled image's label does (so the
@@ -176,6 +184,84 @@ def test_fixmatch_loss_against_numpy():
   np.testing.assert_allclose(float(loss), (-log_q[np.arange(12), aligned.argmax(1)] *
                                            mask).mean(), rtol=1e-5)
   np.testing.assert_allclose(float(mask_rate), mask.mean())
+
+
+# ----- MixMatch ------------------------------------------------------------------------------
+def test_mixmatch_pieces_against_numpy():
+  rng = np.random.default_rng(3)
+  p = rng.dirichlet([1, 1, 1], 6).astype(np.float32)
+  sharp = p ** 2 / (p ** 2).sum(1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(semi.sharpen(jnp.asarray(p), 0.5)), sharp, rtol=1e-5)
+  q = rng.dirichlet([1, 1, 1], 6).astype(np.float32)
+  mean = (p + q) / 2
+  np.testing.assert_allclose(
+      np.asarray(semi.guess_labels([jnp.asarray(p), jnp.asarray(q)], 0.25)),
+      mean ** 4 / (mean ** 4).sum(1, keepdims=True), rtol=1e-5)
+  # Distribution alignment before sharpening: mean * prior / mean_u(mean), renormalised.
+  prior = np.array([0.6, 0.3, 0.1], np.float32)
+  aligned = mean * prior / mean.mean(0)
+  aligned /= aligned.sum(1, keepdims=True)
+  np.testing.assert_allclose(
+      np.asarray(semi.guess_labels([jnp.asarray(p), jnp.asarray(q)], 0.5, prior)),
+      aligned ** 2 / (aligned ** 2).sum(1, keepdims=True), rtol=1e-5)
+  # mixup: rows are basis vectors, so each mixed row shows its own weight (>= 1/2) and its
+  # partner's; the targets are mixed with the same weight and partner.
+  n = 10
+  rows = jnp.eye(n, dtype=jnp.float32)
+  targets = jnp.asarray(rng.dirichlet([1, 1], n), jnp.float32)
+  mixed, mixed_targets = semi.mixup(jax.random.PRNGKey(0), rows, targets, 0.75)
+  mixed, mixed_targets = np.asarray(mixed), np.asarray(mixed_targets)
+  own = mixed[np.arange(n), np.arange(n)]  # 1 where the permutation left a row in place
+  assert np.all(own >= 0.5) and np.sum(own < 1) >= n // 2
+  partner = np.where(own == 1.0, np.arange(n), np.argmax(mixed - np.diag(own), axis=1))
+  expected = own[:, None] * np.asarray(targets) + (1 - own[:, None]) * np.asarray(
+      targets)[partner]
+  np.testing.assert_allclose(mixed_targets, expected, rtol=1e-5)
+  np.testing.assert_allclose(mixed.sum(1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(np.sort(partner), np.arange(n))  # a permutation
+  # The loss: soft cross-entropy of the labelled rows + weight * squared error (mean over
+  # rows and classes) of the unlabelled rows' probabilities.
+  lab_logits, unl_logits = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
+  lab_t, unl_t = rng.dirichlet([1, 1, 1], 4), rng.dirichlet([1, 1, 1], 6)
+  log_p = lab_logits - np.log(np.exp(lab_logits).sum(1, keepdims=True))
+  soft = np.exp(unl_logits) / np.exp(unl_logits).sum(1, keepdims=True)
+  expected = -(lab_t * log_p).sum(1).mean() + 7.0 * ((soft - unl_t) ** 2).mean()
+  np.testing.assert_allclose(
+      float(semi.mixmatch_loss(*(jnp.asarray(a, jnp.float32) for a in
+                                 (lab_logits, lab_t, unl_logits, unl_t)), 7.0)),
+      expected, rtol=1e-5)
+
+
+def test_mixmatch_guesses_labels_with_this_steps_model_on_both_views(monkeypatch):
+  """Before mixup (tested above; replaced here by the identity), the targets of a MixMatch
+  batch are the labelled rows' one-hot labels and, for each unlabelled image, the sharpened
+  mean of the model's softmax on its two views, computed here with the model outside the
+  step; the rows are the labelled ones, then the two views in order."""
+  monkeypatch.setattr(semi, 'mixup', lambda key, rows, targets, alpha: (rows, targets))
+  c = _config('data.labeled_fraction=0.25', 'semi.method=mixmatch',
+              'semi.sharpen_temperature=0.5', 'semi.unlabeled_ratio=1')
+  exp = ClassificationExperiment(c)
+  state = exp.init_state()
+  images, labels = next(iter(exp.train_iterator(0)))
+  assert images.shape[0] == 3 * labels.shape[0] == 96
+  mixed, targets = jax.jit(exp.train_inputs)(state, jnp.asarray(images), jnp.asarray(labels),
+                                             jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(np.asarray(mixed), images)
+  logits = np.asarray(exp.model.apply({'params': state.params}, images[32:], train=False))
+  prob = np.exp(logits - logits.max(1, keepdims=True))
+  prob /= prob.sum(1, keepdims=True)
+  mean = (prob[:32] + prob[32:]) / 2
+  guess = mean ** 2 / (mean ** 2).sum(1, keepdims=True)
+  expected = np.concatenate([np.eye(exp.num_outputs)[labels], guess, guess])
+  np.testing.assert_allclose(np.asarray(targets['targets']), expected, atol=1e-5)
+  assert targets['num_labeled'] == 32
+  # The two views are different draws of the weak augmentation of the same images.
+  assert not np.allclose(images[32:64], images[64:])
+
+
+def test_mixmatch_run_resumes_exactly(tmp_path):
+  c = _config('data.labeled_fraction=0.25', 'semi.method=mixmatch', 'semi.unlabeled_ratio=1')
+  _assert_resumes_exactly(c, tmp_path, stop_at=5)
 
 
 def _assert_resumes_exactly(c, tmp_path, stop_at: int) -> str:

@@ -17,6 +17,7 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -113,6 +114,12 @@ class ClassificationExperiment(Experiment):
     if self.few is not None:
       self.data = self.few.data
     self.semi_method = semi.check_method(config.semi, self.task, self.unlabeled is not None)
+    if self.semi_method == 'mixmatch' and (
+        config.loss.name != 'ce' or config.loss.class_weights != 'none' or
+        config.loss.label_smoothing):
+      raise ValueError('semi.method=mixmatch trains on mixed soft targets with its own '
+                       'cross-entropy: loss.name must be ce, loss.class_weights none and '
+                       'loss.label_smoothing 0')
     self.epoch_steps = None if self.few is None else pipeline.steps_per_epoch(
         epoch_examples, config.train.batch_size)
     self.setup(num_outputs=tasks.num_outputs(self.task, self.data.num_classes),
@@ -196,19 +203,51 @@ class ClassificationExperiment(Experiment):
       return semi.adaptive_threshold_state(self.num_outputs)
     return {}
 
+  def _class_prior(self) -> Optional[np.ndarray]:
+    """The labelled class frequencies ``[K]`` that ``semi.distribution_alignment`` aligns
+    the unlabelled predictions to (None when it is off)."""
+    if not self.config.semi.distribution_alignment:
+      return None
+    counts = np.bincount(np.asarray(self.data.splits['train'][1]).reshape(-1),
+                         minlength=self.data.num_classes).astype(np.float32)
+    return counts / counts.sum()
+
+  def train_inputs(self, state: TrainState, images, labels, key):
+    """MixMatch: the batch ``[labelled; view 1; view 2]`` -> the mixed rows ``[labelled;
+    unlabelled (both views)]`` and their soft targets (the unlabelled ones guessed by this
+    step's model on both views, :func:`semi.guess_labels`); other methods: the batch."""
+    if self.semi_method != 'mixmatch':
+      return images, labels
+    cfg, processes = self.config.semi, jax.process_count()
+    labeled, view1, view2 = semi.split_rows(images, labels.shape[0], 3, processes)
+    variables = self.apply_variables(state.params, state.batch_stats)
+    probabilities = [jax.nn.softmax(self.model.apply(variables, v, train=False), axis=-1)
+                     for v in (view1, view2)]
+    guess = semi.guess_labels(probabilities, cfg.sharpen_temperature, self._class_prior())
+    one_hot = jax.nn.one_hot(labels, self.num_outputs, dtype=jnp.float32)
+    # Rows in the per-process layout [labelled; unlabelled], mixed across the whole batch.
+    rows = semi.join_rows([labeled, semi.join_rows([view1, view2], processes)], processes)
+    targets = semi.join_rows([one_hot, semi.join_rows([guess, guess], processes)], processes)
+    mixed, mixed_targets = semi.mixup(key, rows, targets, cfg.mixup_alpha)
+    return mixed, {'targets': mixed_targets, 'num_labeled': labels.shape[0],
+                   'weight': cfg.weight * semi.ramp_up(state.step, self.total_steps,
+                                                       cfg.ramp_up_fraction)}
+
   def loss_with_state(self, outputs, labels, loss_state):
     """FixMatch: ``CE(labelled) + semi.weight * consistency(weak -> strong)``, the threshold
-    fixed or self-adaptive (updated in ``loss_state``); otherwise :meth:`loss`."""
+    fixed or self-adaptive (updated in ``loss_state``); MixMatch: :func:`semi.mixmatch_loss`
+    of the mixed rows; otherwise :meth:`loss`."""
+    if self.semi_method == 'mixmatch':
+      processes = jax.process_count()
+      logits = semi.split_rows(outputs, labels['num_labeled'], 2, processes)
+      targets = semi.split_rows(labels['targets'], labels['num_labeled'], 2, processes)
+      return semi.mixmatch_loss(logits[0], targets[0], logits[1], targets[1],
+                                labels['weight']), loss_state
     if self.semi_method != 'fixmatch':
       return self.loss(outputs, labels), loss_state
     cfg = self.config.semi
     labeled, weak, strong = semi.split_outputs(outputs, labels.shape[0], jax.process_count())
-    prior = None
-    if cfg.distribution_alignment:
-      counts = np.bincount(np.asarray(self.data.splits['train'][1]).reshape(-1),
-                           minlength=self.data.num_classes).astype(np.float32)
-      prior = counts / counts.sum()
-    probabilities = semi.pseudo_label_probabilities(self.task, weak, prior)
+    probabilities = semi.pseudo_label_probabilities(self.task, weak, self._class_prior())
     threshold = cfg.threshold
     if cfg.threshold_mode == 'self_adaptive':
       loss_state, threshold = semi.adaptive_thresholds(loss_state, probabilities,
@@ -233,15 +272,18 @@ class ClassificationExperiment(Experiment):
         mean=cfg.mean, std=cfg.std, augment=cfg.augment,
         process_index=jax.process_index(), process_count=jax.process_count(),
         class_balanced=cfg.class_balanced, epoch_steps=self.epoch_steps)
-    if self.semi_method != 'fixmatch':
+    if self.semi_method not in ('fixmatch', 'mixmatch'):
       return batches
+    # FixMatch: a weak and a strong view; MixMatch: two weak ones (independent draws).
+    strong = (self.config.semi.strong_augment if self.semi_method == 'fixmatch'
+              else cfg.augment)
     views = pipeline.unlabeled_batches(
         self.unlabeled, global_batch=self.global_batch * self.config.semi.unlabeled_ratio,
         seed=self.config.seed, start_step=start_step, num_steps=self.total_steps,
         pixel_max=self.data.pixel_max, mean=cfg.mean, std=cfg.std, weak=cfg.augment,
-        strong=self.config.semi.strong_augment, process_index=jax.process_index(),
+        strong=strong, process_index=jax.process_index(),
         process_count=jax.process_count())
-    # This process's rows: [labelled; weak views; strong views] (see semi.split_outputs).
+    # This process's rows: [labelled; first views; second views] (see semi.split_rows).
     return ((np.concatenate([x, weak, strong]), y)
             for (x, y), (weak, strong) in zip(batches, views))
 
