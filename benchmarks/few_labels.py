@@ -1,11 +1,12 @@
-"""Few labels on MedMNIST: supervised on the labelled part, self-training, FixMatch, and all
-labels, at several label fractions, each as a group of seeds in one program.
+"""Few labels on MedMNIST: supervised on the labelled part, self-training, FixMatch, MixMatch
+and all labels, at several label fractions, each as a group of seeds in one program.
 
   python benchmarks/few_labels.py --dataset breastmnist --fractions 0.05,0.1,0.25 \\
       --seeds 0,1,2 --runs /tmp/few_labels
 
 Recipe: configs/few_labels.py:<dataset> (every run the same number of steps; FixMatch with
-its threshold of 0.8, METHOD_OVERRIDES). Self-training's
+its threshold of 0.8, MixMatch with weight 75 and one unlabelled image per labelled one:
+METHOD_OVERRIDES). Self-training's
 teacher is the labelled-only run of the same fraction and seed. ``simclr`` and
 ``simclr_fixmatch`` fine-tune (labelled only / FixMatch) from a SimCLR pretraining run on
 every training image (task 'contrastive', PRETRAIN_OVERRIDES) with a fresh head. Finished runs (a
@@ -31,10 +32,13 @@ from results_table import share_of_gap, share_of_gap_interval, write_results  # 
 from medjax import config as config_lib, train as train_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ('none', 'self_training', 'fixmatch', 'simclr', 'simclr_fixmatch')
+METHODS = ('none', 'self_training', 'fixmatch', 'mixmatch', 'simclr', 'simclr_fixmatch')
 # FixMatch's confidence threshold in this recipe (configs/few_labels.py's docstring); self-
-# training keeps the recipe's 0.95.
+# training keeps the recipe's 0.95. MixMatch: the paper's equal labelled and unlabelled
+# batches and its CIFAR-10 weight 75 (chosen on BreastMNIST 10 % by validation AUC,
+# benchmarks/results/few_labels_breastmnist_mixmatch.json).
 METHOD_OVERRIDES = {'fixmatch': ['semi.threshold=0.8'],
+                    'mixmatch': ['semi.unlabeled_ratio=1', 'semi.weight=75'],
                     'simclr': ['semi.method=none'],
                     'simclr_fixmatch': ['semi.method=fixmatch', 'semi.threshold=0.8']}
 # SimCLR pretraining on every training image (task 'contrastive'), one run per fraction and
@@ -43,6 +47,7 @@ METHOD_OVERRIDES = {'fixmatch': ['semi.threshold=0.8'],
 PRETRAIN_OVERRIDES = ['task=contrastive', 'train.batch_size=128', 'train.num_epochs=100']
 FRESH_HEAD = "train.init_from_skip=('Dense_1/',)"
 LABELS = {'none': 'labelled only', 'self_training': 'self-training', 'fixmatch': 'FixMatch',
+          'mixmatch': 'MixMatch',
           'simclr': 'SimCLR + labels', 'simclr_fixmatch': 'SimCLR + FixMatch',
           'all': 'all labels'}
 

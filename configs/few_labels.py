@@ -1,10 +1,11 @@
 """Few labels on MedMNIST: the recipe of benchmarks/few_labels.py (a small CNN, minutes per run
-on a CPU), to compare supervised-on-the-labelled-part, self-training, FixMatch and all labels.
+on a CPU), to compare supervised-on-the-labelled-part, self-training, FixMatch, MixMatch and
+all labels.
 
 ``arg``: the MedMNIST flag ('breastmnist', 'pneumoniamnist', ...; the file comes from
 ../shared/data/medmnist or --config.data.path) or 'runlocal' (synthetic data, seconds).
 
-  # 10 % labels, 3 seeds in one program: the labelled-only baseline, then the two methods
+  # 10 % labels, 3 seeds in one program: the labelled-only baseline, then the methods
   medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/none \\
       --seeds 0,1,2 --config.data.labeled_fraction=0.1
   medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/self_training \\
@@ -13,6 +14,9 @@ on a CPU), to compare supervised-on-the-labelled-part, self-training, FixMatch a
   medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/fixmatch \\
       --seeds 0,1,2 --config.data.labeled_fraction=0.1 --config.semi.method=fixmatch \\
       --config.semi.threshold=0.8
+  medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/mixmatch \\
+      --seeds 0,1,2 --config.data.labeled_fraction=0.1 --config.semi.method=mixmatch \\
+      --config.semi.unlabeled_ratio=1 --config.semi.weight=75
 
 FixMatch here: confidence threshold 0.8 (self-training keeps 0.95) and a strong augmentation
 with a cutout of a quarter of the image side (the default half can erase a 28-px image's
