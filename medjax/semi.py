@@ -35,8 +35,8 @@ labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
   views, averaged and sharpened (``p^(1/T)`` renormalised, ``T = semi.sharpen_temperature``),
   are the unlabelled images' guessed labels (with ``semi.distribution_alignment``, aligned
   to the labelled class prior before sharpening, as in ReMixMatch: sharpening alone pushes
-  the guesses of an imbalanced set towards its majority class); labelled (one-hot) and unlabelled rows are then
-  mixed with a shuffled partner of the whole batch (mixup, ``lambda ~ Beta(alpha, alpha)``
+  the guesses of an imbalanced set towards its majority class); labelled (one-hot) and
+  unlabelled rows are then mixed with a shuffled partner of the whole batch (mixup, ``lambda ~ Beta(alpha, alpha)``
   per row with ``alpha = semi.mixup_alpha``, kept ``>= 1/2`` so a row stays closest to
   itself), and ``loss = CE(mixed labelled rows, mixed targets) + semi.weight * ramp(t) *
   MSE(softmax, mixed guessed labels)`` over the mixed unlabelled rows (:func:`mixmatch_loss`;
@@ -51,8 +51,9 @@ Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled t
 * ``'self_training'``: as for classification, with ``semi.teacher`` a segmentation run on
   the labelled cases (same data, fold and ``data.labeled_*``): it predicts every unlabelled
   case (arg-max of its probabilities; voxels below ``semi.threshold`` ignored by the loss)
-  and those label maps join the labelled cases in this run's sampler (``SegmentationExperiment._pseudo_labelled_cases``), which
-  draws labelled cases ``semi.labeled_share`` of the time (:func:`with_labeled_share`).
+  and those label maps join the labelled cases in this run's sampler
+  (``SegmentationExperiment._pseudo_labelled_cases``), which draws labelled cases
+  ``semi.labeled_share`` of the time (:func:`with_labeled_share`).
 * ``'mean_teacher'`` (Tarvainen & Valpola 2017; Yu et al. 2019 for segmentation), in one run:
   each step also takes ``semi.unlabeled_ratio`` x batch patches of unlabelled cases; the
   teacher is the exponential moving average of the student's parameters
