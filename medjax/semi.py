@@ -36,10 +36,10 @@ labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
   are the unlabelled images' guessed labels (with ``semi.distribution_alignment``, aligned
   to the labelled class prior before sharpening, as in ReMixMatch: sharpening alone pushes
   the guesses of an imbalanced set towards its majority class); labelled (one-hot) and
-  unlabelled rows are then mixed with a shuffled partner of the whole batch (mixup, ``lambda ~ Beta(alpha, alpha)``
-  per row with ``alpha = semi.mixup_alpha``, kept ``>= 1/2`` so a row stays closest to
-  itself), and ``loss = CE(mixed labelled rows, mixed targets) + semi.weight * ramp(t) *
-  MSE(softmax, mixed guessed labels)`` over the mixed unlabelled rows (:func:`mixmatch_loss`;
+  unlabelled rows are then mixed with a shuffled partner of the whole batch (mixup,
+  ``lambda ~ Beta(alpha, alpha)`` per row with ``alpha = semi.mixup_alpha``, kept ``>= 1/2``
+  so a row stays closest to itself), and ``loss = CE(mixed labelled rows, mixed targets) +
+  semi.weight * ramp(t) * MSE(softmax, mixed guessed labels)`` over the mixed unlabelled rows (:func:`mixmatch_loss`;
   the weight ramped up over ``semi.ramp_up_fraction`` of training as for the mean teacher).
   The guess is not differentiated. Huang et al. (2023, "Systematic comparison of semi- and
   self-supervised learning for medical image classification") found it the most reliable
@@ -225,8 +225,11 @@ def mixup(key: jax.Array, images: jax.Array, targets: jax.Array, alpha: float
   partner = jax.random.permutation(perm_key, images.shape[0])
   lam = jax.random.beta(beta_key, alpha, alpha, (images.shape[0],))
   lam = jnp.maximum(lam, 1.0 - lam)
-  mix = lambda x: (lam.reshape((-1,) + (1,) * (x.ndim - 1)) * x  # noqa: E731
-                   + (1.0 - lam.reshape((-1,) + (1,) * (x.ndim - 1))) * x[partner])
+
+  def mix(x):
+    weight = lam.reshape((-1,) + (1,) * (x.ndim - 1))
+    return weight * x + (1.0 - weight) * x[partner]
+
   return mix(images), mix(targets.astype(images.dtype))
 
 

@@ -225,9 +225,10 @@ class ClassificationExperiment(Experiment):
                      for v in (view1, view2)]
     guess = semi.guess_labels(probabilities, cfg.sharpen_temperature, self._class_prior())
     one_hot = jax.nn.one_hot(labels, self.num_outputs, dtype=jnp.float32)
-    # Rows in the per-process layout [labelled; unlabelled], mixed across the whole batch.
-    rows = semi.join_rows([labeled, semi.join_rows([view1, view2], processes)], processes)
-    targets = semi.join_rows([one_hot, semi.join_rows([guess, guess], processes)], processes)
+    # Rows in the per-process layout [labelled; view 1; view 2], mixed across the whole
+    # batch; the loss splits them as [labelled; unlabelled].
+    rows = semi.join_rows([labeled, view1, view2], processes)
+    targets = semi.join_rows([one_hot, guess, guess], processes)
     mixed, mixed_targets = semi.mixup(key, rows, targets, cfg.mixup_alpha)
     return mixed, {'targets': mixed_targets, 'num_labeled': labels.shape[0],
                    'weight': cfg.weight * semi.ramp_up(state.step, self.total_steps,
