@@ -31,19 +31,19 @@ labelled subset (:mod:`medjax.data.few_labels`), then ``semi.method``:
 
 * ``'mixmatch'`` (Berthelot et al. 2019), in one run: each step also takes
   ``semi.unlabeled_ratio`` x batch unlabelled images, each weakly augmented twice
-  (``data.augment``, two independent draws). The current model's predictions on the two
-  views, averaged and sharpened (``p^(1/T)`` renormalised, ``T = semi.sharpen_temperature``),
-  are the unlabelled images' guessed labels (with ``semi.distribution_alignment``, aligned
-  to the labelled class prior before sharpening, as in ReMixMatch: sharpening alone pushes
-  the guesses of an imbalanced set towards its majority class); labelled (one-hot) and
-  unlabelled rows are then mixed with a shuffled partner of the whole batch (mixup,
-  ``lambda ~ Beta(alpha, alpha)`` per row with ``alpha = semi.mixup_alpha``, kept ``>= 1/2``
-  so a row stays closest to itself), and ``loss = CE(mixed labelled rows, mixed targets) +
-  semi.weight * ramp(t) * MSE(softmax, mixed guessed labels)`` over the mixed unlabelled rows (:func:`mixmatch_loss`;
-  the weight ramped up over ``semi.ramp_up_fraction`` of training as for the mean teacher).
-  The guess is not differentiated. Huang et al. (2023, "Systematic comparison of semi- and
-  self-supervised learning for medical image classification") found it the most reliable
-  semi-supervised method across their four medical datasets.
+  (``data.augment``, two independent draws). The current model's predictions on the two views,
+  averaged and sharpened (``p^(1/T)`` renormalised, ``T = semi.sharpen_temperature``), are the
+  unlabelled images' guessed labels (with ``semi.distribution_alignment``, aligned to the
+  labelled class prior before sharpening, as in ReMixMatch: sharpening alone pushes the
+  guesses of an imbalanced set towards its majority class); labelled (one-hot) and unlabelled
+  rows are then mixed with a shuffled partner of the whole batch (mixup, ``lambda ~
+  Beta(alpha, alpha)`` per row with ``alpha = semi.mixup_alpha``, kept ``>= 1/2`` so a row
+  stays closest to itself), and ``loss = CE(mixed labelled rows, mixed targets) + semi.weight
+  * ramp(t) * MSE(softmax, mixed guessed labels)`` over the mixed unlabelled rows
+  (:func:`mixmatch_loss`; the weight ramped up over ``semi.ramp_up_fraction`` of training as
+  for the mean teacher). The guess is not differentiated. Huang et al. (2023, "Systematic
+  comparison of semi- and self-supervised learning for medical image classification") found it
+  the most reliable semi-supervised method across their four medical datasets.
 
 Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled training
 *cases*; the rest are read as images only):
