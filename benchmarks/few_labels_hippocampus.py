@@ -1,7 +1,7 @@
 """Few labels on MSD Hippocampus: a U-Net trained on N labelled volumes only, a mean teacher
-that also learns from the other training volumes' images, self-training (the labelled-only
-run pseudo-labels the other training volumes, a student trains on all), and all labels, on
-fold 0.
+or FixMatch that also learns from the other training volumes' images, self-training (the
+labelled-only run pseudo-labels the other training volumes, a student trains on all), and all
+labels, on fold 0.
 
   python benchmarks/few_labels_hippocampus.py --counts 10,20 --runs /tmp/few_labels
   python benchmarks/few_labels_hippocampus.py --protocol recipe --num_epochs 80 \
@@ -17,9 +17,9 @@ number of steps (``--num_epochs`` x 50):
   its fastest and best single axis), so the labelled-only runs are trained to a plateau
   rather than stopped early.
 The labelled volumes are a seeded choice among fold 0's 160 training cases
-(``data.labeled_count``); the mean teacher sees ``semi.unlabeled_ratio`` unlabelled slices per
-labelled one in every step. Validation: fold 0's 40 held-out volumes, whole, on their original
-grid. Finished runs (a results.json) are reused. Prints Dice / HD95 per class and the share of
+(``data.labeled_count``); the mean teacher and FixMatch (``--methods fixmatch``) see
+``semi.unlabeled_ratio`` unlabelled slices per labelled one in every step. Validation: fold
+0's 40 held-out volumes, whole, on their original grid. Finished runs (a results.json) are reused. Prints Dice / HD95 per class and the share of
 the gap between labelled-only and all labels that each method recovers, and writes
 benchmarks/results/few_labels_hippocampus[_recipe].json.
 """
@@ -39,7 +39,7 @@ from medjax import config as config_lib, train as train_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'hippocampus_unet3d.py') + ':cpu'
-LABELS = {'none': 'labelled only', 'mean_teacher': 'mean teacher',
+LABELS = {'none': 'labelled only', 'mean_teacher': 'mean teacher', 'fixmatch': 'FixMatch',
           'self_training': 'self-training', 'all': 'all labels'}
 
 
@@ -105,6 +105,7 @@ def main() -> None:
     method_overrides = {
         'mean_teacher': ['semi.method=mean_teacher',
                          f'semi.unlabeled_ratio={args.unlabeled_ratio}'],
+        'fixmatch': ['semi.method=fixmatch', f'semi.unlabeled_ratio={args.unlabeled_ratio}'],
         'self_training': ['semi.method=self_training', f'semi.teacher={teacher}']}
     extra = [o for o in args.extra.split(';') if o]
     for method in methods:

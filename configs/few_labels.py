@@ -2,8 +2,11 @@
 on a CPU), to compare supervised-on-the-labelled-part, self-training, FixMatch, MixMatch and
 all labels.
 
-``arg``: the MedMNIST flag ('breastmnist', 'pneumoniamnist', ...; the file comes from
-../shared/data/medmnist or --config.data.path) or 'runlocal' (synthetic data, seconds).
+``arg``: the MedMNIST flag ('breastmnist', 'pneumoniamnist', 'adrenalmnist3d', ...; the file
+comes from ../shared/data/medmnist or --config.data.path) or 'runlocal' (synthetic data,
+seconds). A flag ending in '3d' gets the 3D small CNN and 3D augmentations: weak = flips of
+the two in-plane axes, strong = those flips with brightness, contrast and cutout (the 2D
+strong augmentation without its rotation and scaling, which the pipeline has in 2D only).
 
   # 10 % labels, 3 seeds in one program: the labelled-only baseline, then the methods
   medjax train --config configs/few_labels.py:breastmnist --workdir runs/b10/none \\
@@ -38,9 +41,13 @@ from medjax.recipes import medmnist_small_cnn
 
 
 def get_config(arg: str = 'breastmnist') -> ml_collections.ConfigDict:
-  c = medmnist_small_cnn(arg)
+  is_3d = arg.endswith('3d')
+  c = medmnist_small_cnn(arg, is_3d=is_3d)
+  strong = dict(cutout=0.25)
+  if is_3d:  # no 2D rotation / scaling; the in-plane flips of data.augment
+    strong.update(flip_ud=True, rotation_deg=0.0, scale_min=1.0, scale_max=1.0)
   c.semi = dict(method='none', threshold=0.95, unlabeled_ratio=3, weight=1.0,
-                strong_augment=dict(cutout=0.25))
+                strong_augment=strong)
   if arg == 'runlocal':
     c.data = dict(name='synthetic', synthetic=dict(num_train=256, num_val=64, num_test=64,
                                                    num_classes=2),

@@ -111,8 +111,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Semi-supervised learning from the unlabelled rest of the training split (medjax/semi.py):
   # 'none'; classification: 'fixmatch' (consistency loss in the same run) | 'mixmatch'
   # (guessed labels and mixup, in the same run) | 'self_training' (a trained teacher's
-  # confident pseudo-labels join the labelled data); segmentation:
-  # 'mean_teacher' (consistency with the parameters' moving average, in the same run).
+  # confident pseudo-labels join the labelled data); segmentation: 'fixmatch' (the model's
+  # confident voxel labels of weak patches train its strong ones, in the same run) |
+  # 'mean_teacher' (consistency with the parameters' moving average, in the same run) |
+  # 'self_training'.
   c.semi = ml_collections.ConfigDict()
   c.semi.method = 'none'
   c.semi.teacher = ''                 # self_training: the teacher's workdir (or seed group)
@@ -133,6 +135,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.semi.strong_augment = _augment_like(
       c.data.augment, flip_lr=True, rotation_deg=30.0, scale_min=0.8, scale_max=1.2,
       brightness=0.3, contrast=0.3, cutout=0.5)
+
+  # fixmatch for segmentation: the strong view of an unlabelled patch (the weak one is the
+  # sampler's); intensity only, so the weak view's pseudo-label map still fits, plus CutMix.
+  c.semi.segmentation_strong = ml_collections.ConfigDict()
+  c.semi.segmentation_strong.brightness = 0.3   # intensity x U(1 - b, 1 + b)
+  c.semi.segmentation_strong.contrast = 0.3     # about the patch mean, x U(1 - c, 1 + c)
+  c.semi.segmentation_strong.noise_std = 0.1    # Gaussian noise, std ~ U(0, noise_std)
+  c.semi.segmentation_strong.cutmix_prob = 0.5  # a box pasted from another unlabelled patch
+  c.semi.segmentation_strong.cutmix_area = (0.02, 0.4)  # its share of the patch, ~ U(low, high)
 
   # task='contrastive': SimCLR pretraining on the training images (medjax/experiments/
   # contrastive.py); views under contrastive.augment, selection by kNN AUC on val.

@@ -54,6 +54,16 @@ Segmentation (``data.labeled_fraction`` / ``data.labeled_count`` pick labelled t
   and those label maps join the labelled cases in this run's sampler
   (``SegmentationExperiment._pseudo_labelled_cases``), which draws labelled cases
   ``semi.labeled_share`` of the time (:func:`with_labeled_share`).
+* ``'fixmatch'`` (Sohn et al. 2020, for segmentation as in Yang et al. 2023, UniMatch), in
+  one run: each step also takes ``semi.unlabeled_ratio`` x batch patches of unlabelled cases
+  (weakly augmented by the sampler). This step's model, not differentiated, labels each weak
+  patch voxel by voxel (arg-max; voxels whose top probability is below ``semi.threshold``
+  get IGNORE_LABEL, :func:`pseudo_label_map`); the strong view is the same patch with a
+  strong intensity perturbation (:func:`strong_intensity`) and, with probability
+  ``semi.segmentation_strong.cutmix_prob``, a box pasted from another unlabelled patch
+  together with its pseudo-labels (:func:`cutmix_boxes`, :func:`cutmix`); ``loss =
+  supervised(labelled) + semi.weight * supervised(strong, pseudo-labels)`` with the run's
+  own loss (Dice + CE by default) over the confident voxels only.
 * ``'mean_teacher'`` (Tarvainen & Valpola 2017; Yu et al. 2019 for segmentation), in one run:
   each step also takes ``semi.unlabeled_ratio`` x batch patches of unlabelled cases; the
   teacher is the exponential moving average of the student's parameters
@@ -82,7 +92,7 @@ from medjax import tasks
 from medjax.data import few_labels
 
 CLASSIFICATION_METHODS = ('none', 'fixmatch', 'mixmatch', 'self_training')
-SEGMENTATION_METHODS = ('none', 'mean_teacher', 'self_training')
+SEGMENTATION_METHODS = ('none', 'fixmatch', 'mean_teacher', 'self_training')
 THRESHOLD_MODES = ('fixed', 'self_adaptive')
 
 
@@ -109,9 +119,10 @@ def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool)
   if cfg.threshold_mode not in THRESHOLD_MODES:
     raise ValueError(f"unknown semi.threshold_mode '{cfg.threshold_mode}'; expected one of "
                      f"{', '.join(THRESHOLD_MODES)}")
-  if cfg.threshold_mode != 'fixed' and method != 'fixmatch':
+  if cfg.threshold_mode != 'fixed' and (method != 'fixmatch' or task == 'segmentation'):
     raise ValueError(f'semi.threshold_mode={cfg.threshold_mode} is for semi.method=fixmatch '
-                     f'(its per-step thresholds); {method} uses semi.threshold')
+                     f'of classification (its per-class thresholds); {method} for {task} uses '
+                     'semi.threshold')
   if not 0.0 <= cfg.threshold_momentum < 1.0:
     raise ValueError(f'semi.threshold_momentum must be in [0, 1), got {cfg.threshold_momentum}')
   if method == 'mixmatch' and task not in ('binary', 'multiclass'):
@@ -122,6 +133,8 @@ def check_method(cfg: ml_collections.ConfigDict, task: str, has_unlabeled: bool)
                      f'{cfg.sharpen_temperature}')
   if method == 'mixmatch' and cfg.mixup_alpha <= 0:
     raise ValueError(f'semi.mixup_alpha must be > 0, got {cfg.mixup_alpha}')
+  if method == 'fixmatch' and task == 'segmentation':
+    check_segmentation_strong(cfg.segmentation_strong)
   if method in ('fixmatch', 'mixmatch', 'mean_teacher') and cfg.unlabeled_ratio < 1:
     raise ValueError(f'semi.unlabeled_ratio must be >= 1, got {cfg.unlabeled_ratio}')
   return method
@@ -357,3 +370,80 @@ def consistency_mse(student_logits: jax.Array, teacher_probabilities: jax.Array)
   Yu et al. 2019)."""
   student = jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1)
   return jnp.mean((student - teacher_probabilities) ** 2)
+
+
+# ----- FixMatch for segmentation -------------------------------------------------------------
+def check_segmentation_strong(cfg: ml_collections.ConfigDict) -> None:
+  """``semi.segmentation_strong``, checked."""
+  for name in ('brightness', 'contrast'):
+    if not 0.0 <= cfg[name] < 1.0:
+      raise ValueError(f'semi.segmentation_strong.{name} is a factor range 1 +- x with x in '
+                       f'[0, 1), got {cfg[name]}')
+  if cfg.noise_std < 0:
+    raise ValueError(f'semi.segmentation_strong.noise_std must be >= 0, got {cfg.noise_std}')
+  if not 0.0 <= cfg.cutmix_prob <= 1.0:
+    raise ValueError(f'semi.segmentation_strong.cutmix_prob must be in [0, 1], got '
+                     f'{cfg.cutmix_prob}')
+  low, high = cfg.cutmix_area
+  if not 0.0 < low <= high <= 1.0:
+    raise ValueError(f'semi.segmentation_strong.cutmix_area needs 0 < low <= high <= 1, got '
+                     f'{tuple(cfg.cutmix_area)}')
+
+
+def strong_intensity(key: jax.Array, images: jax.Array, brightness: float, contrast: float,
+                     noise_std: float) -> jax.Array:
+  """A strong intensity perturbation of each patch ``[U, *spatial, C]`` (z-scored): scaled
+  by ``b ~ U(1 - brightness, 1 + brightness)``, then its contrast about its own mean (over
+  voxels and channels) by ``c ~ U(1 - contrast, 1 + contrast)``, then Gaussian noise of
+  standard deviation ``s ~ U(0, noise_std)``; ``b``, ``c``, ``s`` drawn per patch. Voxels do
+  not move, so the weak view's pseudo-label map still fits."""
+  b_key, c_key, s_key, n_key = jax.random.split(key, 4)
+  per_row = (images.shape[0],) + (1,) * (images.ndim - 1)
+  scale = jax.random.uniform(b_key, per_row, minval=1 - brightness, maxval=1 + brightness)
+  factor = jax.random.uniform(c_key, per_row, minval=1 - contrast, maxval=1 + contrast)
+  std = jax.random.uniform(s_key, per_row, maxval=noise_std)
+  x = images * scale
+  mean = jnp.mean(x, axis=tuple(range(1, x.ndim)), keepdims=True)
+  x = mean + (x - mean) * factor
+  return x + std * jax.random.normal(n_key, x.shape, x.dtype)
+
+
+def cutmix_boxes(key: jax.Array, num_rows: int, spatial: Tuple[int, ...], prob: float,
+                 area: Tuple[float, float]) -> jax.Array:
+  """CutMix boxes ``[U, *spatial]`` (bool): with probability ``prob`` a row gets a box
+  covering a fraction ``a ~ U(area)`` of the patch (each side ``a^(1/d)`` of the patch's, at
+  least one voxel), at a uniform position inside the patch; otherwise none."""
+  use_key, area_key, pos_key = jax.random.split(key, 3)
+  use = jax.random.uniform(use_key, (num_rows,)) < prob
+  fraction = jax.random.uniform(area_key, (num_rows,), minval=area[0], maxval=area[1])
+  side_fraction = fraction ** (1.0 / len(spatial))
+  starts = jax.random.uniform(pos_key, (num_rows, len(spatial)))
+  box = use.reshape((-1,) + (1,) * len(spatial))
+  for axis, size in enumerate(spatial):
+    side = jnp.clip(jnp.round(side_fraction * size), 1, size).astype(jnp.int32)
+    start = jnp.floor(starts[:, axis] * (size - side + 1)).astype(jnp.int32)
+    index = jnp.arange(size)[None, :]
+    inside = (index >= start[:, None]) & (index < (start + side)[:, None])
+    shape = [num_rows] + [1] * len(spatial)
+    shape[axis + 1] = size
+    box = box & inside.reshape(shape)
+  return box
+
+
+def cutmix(box: jax.Array, partner: jax.Array, *arrays: jax.Array) -> Tuple[jax.Array, ...]:
+  """Each array ``[U, *spatial, ...]`` with the voxels inside row ``i``'s box ``[U, *spatial]``
+  taken from row ``partner[i]`` (CutMix; images, pseudo-labels and confidences alike, so
+  they stay aligned)."""
+  def mix(x):
+    inside = box.reshape(box.shape + (1,) * (x.ndim - box.ndim))
+    return jnp.where(inside, x[partner], x)
+  return tuple(mix(x) for x in arrays)
+
+
+def pseudo_label_map(probabilities: jax.Array, threshold: float, ignore_label: int
+                     ) -> jax.Array:
+  """The arg-max label map ``[U, *spatial]`` of ``probabilities`` ``[U, *spatial, K]``, with
+  ``ignore_label`` where the top probability is below ``threshold`` (those voxels count in
+  no loss)."""
+  confident = jnp.max(probabilities, axis=-1) >= threshold
+  return jnp.where(confident, jnp.argmax(probabilities, axis=-1), ignore_label)

@@ -90,6 +90,41 @@ def test_semi_methods_refuse_configs_they_cannot_use():
                             'loss.name=focal'))
   with pytest.raises(ValueError, match='multi-label data has no single pseudo-label'):
     semi.check_method(_config('semi.method=fixmatch').semi, 'multilabel', True)
+  seg = _config('semi.method=fixmatch').semi
+  seg.segmentation_strong.cutmix_area = (0.5, 0.1)
+  with pytest.raises(ValueError, match=r'cutmix_area needs 0 < low <= high <= 1, got \(0.5'):
+    semi.check_method(seg, 'segmentation', True)
+  seg.segmentation_strong.update(cutmix_area=(0.1, 0.5), contrast=1.0)
+  with pytest.raises(ValueError, match='segmentation_strong.contrast .* got 1.0'):
+    semi.check_method(seg, 'segmentation', True)
+  seg.segmentation_strong.contrast, seg.threshold_mode = 0.3, 'self_adaptive'
+  with pytest.raises(ValueError, match='fixmatch for segmentation uses semi.threshold'):
+    semi.check_method(seg, 'segmentation', True)
+
+
+def test_few_labels_recipe_trains_a_3d_medmnist_flag(tmp_path):
+  """configs/few_labels.py with a 3D flag (here one no other test uses): the 3D small CNN,
+  in-plane flips as the weak view, flips + intensity + cutout as the strong one (the 2D
+  rotation and scaling would be refused), and FixMatch trains to test metrics."""
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, count in (('train', 16), ('val', 4), ('test', 4)):
+    arrays[f'{split}_images'] = rng.integers(0, 256, (count, 28, 28, 28), dtype=np.uint8)
+    arrays[f'{split}_labels'] = (np.arange(count) % 2).reshape(-1, 1).astype(np.uint8)
+  np.savez(tmp_path / 'nodulemnist3d.npz', **arrays)
+  c = config_lib.load_config_file('configs/few_labels.py:nodulemnist3d')
+  assert c.model.features == (16, 32, 64) and c.semi.strong_augment.rotation_deg == 0
+  config_lib.apply_overrides(c, [
+      f'data.path={tmp_path / "nodulemnist3d.npz"}', 'data.labeled_fraction=0.5',
+      'semi.method=fixmatch', 'semi.unlabeled_ratio=1', 'model.features=(4, 8, 8)',
+      'model.hidden=8', 'train.batch_size=4', 'train.eval_batch_size=4', 'train.num_epochs=1',
+      'train.progress_bar=False'])
+  exp = make_experiment(c)
+  images, labels = next(iter(exp.train_iterator(0)))
+  assert images.shape == (12, 28, 28, 28, 1) and labels.shape == (4,)
+  assert not np.allclose(images[4:8], images[8:])  # weak and strong views differ
+  results = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert 0.0 <= results['test']['auc'] <= 1.0
 
 
 def test_few_labels_train_as_many_steps_as_all_labels():
@@ -551,11 +586,14 @@ def _seg_config(tmp_path, *overrides):
       'data.slice_axis=0', 'data.patch_size=(16, 16)', *overrides])
 
 
-def test_mean_teacher_never_reads_the_labels_of_unlabelled_cases(tmp_path, monkeypatch):
+@pytest.mark.parametrize('method', ['mean_teacher', 'fixmatch'])
+def test_segmentation_methods_never_read_the_labels_of_unlabelled_cases(method, tmp_path,
+                                                                      monkeypatch):
   """Corrupting the stored labels (and foreground locations) of the unlabelled training
   cases changes nothing in training; corrupting a labelled case's does."""
   from medjax.data import prepare
-  c = _seg_config(tmp_path, 'semi.method=mean_teacher')
+  # FixMatch: a threshold low enough that the model's pseudo-labels count from step one.
+  c = _seg_config(tmp_path, f'semi.method={method}', 'semi.threshold=0.4')
 
   def train(corrupt=()):
     original = prepare.PreparedDataset.load
@@ -574,23 +612,118 @@ def test_mean_teacher_never_reads_the_labels_of_unlabelled_cases(tmp_path, monke
     for _, (images, labels) in zip(range(4), exp.train_iterator(0)):
       state, metrics = exp.train_step(state, images, labels)
       losses.append(float(metrics['loss']))
-    return np.array(losses), jax.device_get(state.opt_state.ema), exp.data.splits
+    trained = state.opt_state.ema if method == 'mean_teacher' else state.params
+    return np.array(losses), jax.device_get(trained), exp.data.splits
 
-  reference, teacher, split = train()
+  reference, trained, split = train()
   assert len(split['train']) == 2 and len(split['unlabeled']) == 4 and len(split['val']) == 2
   assert np.all(np.isfinite(reference))
-  losses, corrupted_teacher, _ = train(corrupt=set(split['unlabeled']))
+  losses, corrupted_trained, _ = train(corrupt=set(split['unlabeled']))
   np.testing.assert_array_equal(losses, reference)
-  jax.tree.map(np.testing.assert_array_equal, corrupted_teacher, teacher)
+  jax.tree.map(np.testing.assert_array_equal, corrupted_trained, trained)
   losses, _, _ = train(corrupt={split['train'][0]})
   assert not np.array_equal(losses, reference)
 
 
-def test_mean_teacher_run_resumes_exactly(tmp_path):
-  c = _seg_config(tmp_path, 'semi.method=mean_teacher')
+@pytest.mark.parametrize('method', ['mean_teacher', 'fixmatch'])
+def test_segmentation_semi_run_resumes_exactly(method, tmp_path):
+  c = _seg_config(tmp_path, f'semi.method={method}', 'semi.threshold=0.4')
   full = _assert_resumes_exactly(c, tmp_path, stop_at=4)
   with open(os.path.join(full, 'split.json')) as f:
     assert len(json.load(f)['unlabeled']) == 4
+
+
+def test_segmentation_fixmatch_pieces_against_numpy():
+  rng = np.random.default_rng(3)
+  probabilities = rng.dirichlet([1, 1, 1], (2, 5, 6)).astype(np.float32)
+  expected = np.where(probabilities.max(-1) >= 0.6, probabilities.argmax(-1), IGNORE_LABEL)
+  np.testing.assert_array_equal(semi.pseudo_label_map(jnp.asarray(probabilities), 0.6,
+                                                      IGNORE_LABEL), expected)
+  # CutMix boxes: rectangles of the drawn share of the patch, in a prob share of the rows.
+  boxes = np.asarray(semi.cutmix_boxes(jax.random.PRNGKey(0), 400, (20, 30), 0.5,
+                                       (0.1, 0.4)))
+  assert boxes.shape == (400, 20, 30)
+  with_box = boxes.any(axis=(1, 2))
+  assert 0.4 < with_box.mean() < 0.6
+  for box in boxes[with_box]:
+    rows, cols = box.any(1), box.any(0)
+    np.testing.assert_array_equal(box, rows[:, None] & cols[None, :])  # one rectangle
+    for side in (rows, cols):  # contiguous
+      filled = np.flatnonzero(side)
+      assert filled[-1] - filled[0] + 1 == len(filled)
+    # Each side is round(sqrt(a) x the patch's), a in [0.1, 0.4].
+    share = np.sqrt(rows.sum() / 20 * cols.sum() / 30)
+    assert np.sqrt(0.1) - 0.05 <= share <= np.sqrt(0.4) + 0.05
+    assert abs(rows.sum() / 20 - cols.sum() / 30) <= 0.5 / 20 + 0.5 / 30
+  assert not np.asarray(semi.cutmix_boxes(jax.random.PRNGKey(1), 50, (8, 8, 8), 0.0,
+                                          (0.1, 0.4))).any()
+  assert np.asarray(semi.cutmix_boxes(jax.random.PRNGKey(1), 50, (8, 8, 8), 1.0,
+                                      (0.1, 0.4))).any(axis=(1, 2, 3)).all()
+  # Images and label maps take the partner's voxels inside the box, the same ones.
+  images = rng.normal(size=(3, 4, 5, 2)).astype(np.float32)
+  labels = rng.integers(0, 3, (3, 4, 5))
+  box, partner = rng.random((3, 4, 5)) < 0.3, np.array([2, 0, 1])
+  mixed_images, mixed_labels = semi.cutmix(jnp.asarray(box), jnp.asarray(partner),
+                                           jnp.asarray(images), jnp.asarray(labels))
+  np.testing.assert_array_equal(mixed_images, np.where(box[..., None], images[partner],
+                                                       images))
+  np.testing.assert_array_equal(mixed_labels, np.where(box, labels[partner], labels))
+
+
+def test_strong_intensity_scales_contrasts_and_adds_noise_per_patch():
+  x = np.random.default_rng(4).normal(1.0, 1.0, (6, 8, 8, 2)).astype(np.float32)
+  key = jax.random.PRNGKey(5)
+  np.testing.assert_allclose(semi.strong_intensity(key, jnp.asarray(x), 0.0, 0.0, 0.0), x,
+                             atol=1e-6)
+  scaled = np.asarray(semi.strong_intensity(key, jnp.asarray(x), 0.3, 0.0, 0.0))
+  # One factor per patch (least squares), in [0.7, 1.3], different between patches.
+  factor = (scaled * x).sum(axis=(1, 2, 3)) / (x * x).sum(axis=(1, 2, 3))
+  np.testing.assert_allclose(scaled, factor[:, None, None, None] * x, atol=1e-5)
+  assert np.all((factor >= 0.7 - 1e-6) & (factor <= 1.3 + 1e-6)) and np.ptp(factor) > 0.05
+  contrasted = np.asarray(semi.strong_intensity(key, jnp.asarray(x), 0.0, 0.3, 0.0))
+  mean = x.mean(axis=(1, 2, 3), keepdims=True)  # the patch mean stays, deviations scale
+  np.testing.assert_allclose(contrasted.mean(axis=(1, 2, 3), keepdims=True), mean, atol=1e-5)
+  factor = (((contrasted - mean) * (x - mean)).sum(axis=(1, 2, 3))
+            / ((x - mean) ** 2).sum(axis=(1, 2, 3)))
+  np.testing.assert_allclose(contrasted - mean, factor[:, None, None, None] * (x - mean),
+                             atol=1e-5)
+  assert np.all((factor >= 0.7 - 1e-6) & (factor <= 1.3 + 1e-6)) and np.ptp(factor) > 0.05
+  noisy = np.asarray(semi.strong_intensity(key, jnp.asarray(x), 0.0, 0.0, 0.2)) - x
+  assert np.all(noisy.std(axis=(1, 2, 3)) < 0.2 * 1.2) and np.ptp(noisy.std(axis=(1, 2, 3))) > 0
+
+
+def test_segmentation_fixmatch_targets_are_this_steps_pseudo_labels(tmp_path):
+  """The strong rows' targets are the arg-max of this step's model on the weak patches
+  (unsure voxels IGNORE_LABEL); without perturbations the strong rows are the weak ones.
+  The unsure voxels count in no loss: the loss with every voxel unsure is the supervised
+  loss of the labelled rows."""
+  c = _seg_config(tmp_path, 'semi.method=fixmatch', 'semi.threshold=0.5',
+                  'semi.segmentation_strong.brightness=0', 'semi.segmentation_strong.contrast=0',
+                  'semi.segmentation_strong.noise_std=0', 'semi.segmentation_strong.cutmix_prob=0')
+  exp = make_experiment(c)
+  state = exp.init_state()
+  images, labels = next(iter(exp.train_iterator(0)))
+  num_labeled = labels.shape[0]
+  rows, targets = exp.train_inputs(state, jnp.asarray(images), jnp.asarray(labels),
+                                   jax.random.PRNGKey(0))
+  np.testing.assert_allclose(rows, images, atol=1e-6)
+  logits = exp.model.apply({'params': state.params}, images[num_labeled:], train=False)
+  logits = np.asarray(logits[0] if isinstance(logits, (list, tuple)) else logits, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  expected = np.where(p.max(-1) >= 0.5, p.argmax(-1), IGNORE_LABEL)
+  close = np.abs(p.max(-1) - 0.5) < 1e-4  # float32 rounding at the threshold
+  np.testing.assert_array_equal(np.asarray(targets['pseudo'])[~close], expected[~close])
+  assert 0 < (expected == IGNORE_LABEL).mean() < 1
+  np.testing.assert_array_equal(targets['labels'], labels)
+
+  outputs = exp.model.apply({'params': state.params}, rows, train=True)
+  unsure = dict(targets, pseudo=jnp.full_like(targets['pseudo'], IGNORE_LABEL))
+  labeled_outputs = [o[:num_labeled] for o in outputs] if isinstance(outputs, (list, tuple)) \
+      else outputs[:num_labeled]
+  np.testing.assert_allclose(exp.loss(outputs, unsure),
+                             exp._supervised_loss(labeled_outputs, targets['labels']), rtol=1e-6)
+  assert float(exp.loss(outputs, targets)) > float(exp.loss(outputs, unsure))
 
 
 def test_labeled_share_repeats_the_labelled_cases():

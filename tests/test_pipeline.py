@@ -194,8 +194,11 @@ def test_op_prob_applies_each_op_to_about_that_share_of_images():
 def test_bad_augment_values_are_refused(kw, message):
   with pytest.raises(ValueError, match=message):
     pipeline.make_augment_fn(_augment(**kw), 2)
-  with pytest.raises(ValueError, match='2D-only'):
+  with pytest.raises(ValueError, match='^data.augment.rotation_deg.* 2D-only'):
     pipeline.make_augment_fn(_augment(blur_sigma=1.0), 3)
+  # The error names the config key it reads (FixMatch's strong view has its own).
+  with pytest.raises(ValueError, match='^semi.strong_augment.rotation_deg.* 2D-only'):
+    pipeline.make_augment_fn(_augment(rotation_deg=10.0), 3, 'semi.strong_augment')
 
 
 def test_eval_covers_every_example_once_with_padding_mask():

@@ -157,8 +157,10 @@ def _cutout(image: tf.Tensor, size: float, u: tf.Tensor, v: tf.Tensor,
   return tf.where(inside, tf.zeros_like(image), image)
 
 
-def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int):
+def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int,
+                    key: str = 'data.augment'):
   """Returns ``fn(image [*spatial, C], seed [2]) -> image`` applying the configured ops.
+  ``key``: the config key of ``aug``, named in errors.
 
   Order: flips, one affine map (rotation, zoom, shear, shift), brightness, contrast, blur,
   noise, cutout. With ``aug.op_prob < 1`` each of the affine map, brightness, contrast, blur
@@ -168,24 +170,24 @@ def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int):
   geometric = (aug.rotation_deg > 0 or aug.scale_min != 1.0 or aug.scale_max != 1.0
                or aug.translate > 0 or aug.shear_deg > 0)
   if (geometric or aug.blur_sigma > 0) and spatial_dims != 2:
-    raise ValueError('data.augment.rotation_deg/scale_*/translate/shear_deg/blur_sigma are '
-                     '2D-only; use flips for 3D data')
+    raise ValueError(f'{key}.rotation_deg/scale_*/translate/shear_deg/blur_sigma are '
+                     '2D-only; use flips and intensity ops for 3D data')
   if not 0.0 <= aug.cutout < 1.0:
-    raise ValueError(f'data.augment.cutout is a fraction of the image side in [0, 1), got '
+    raise ValueError(f'{key}.cutout is a fraction of the image side in [0, 1), got '
                      f'{aug.cutout}')
   if aug.scale_min <= 0 or aug.scale_max < aug.scale_min:
-    raise ValueError(f'data.augment needs 0 < scale_min <= scale_max, got '
+    raise ValueError(f'{key} needs 0 < scale_min <= scale_max, got '
                      f'{aug.scale_min}, {aug.scale_max}')
   if not 0.0 <= aug.translate < 0.5:
-    raise ValueError(f'data.augment.translate is a fraction of the image side in [0, 0.5), '
+    raise ValueError(f'{key}.translate is a fraction of the image side in [0, 0.5), '
                      f'got {aug.translate}')
   if not 0.0 <= aug.shear_deg < 60.0:
-    raise ValueError(f'data.augment.shear_deg must be in [0, 60), got {aug.shear_deg}')
+    raise ValueError(f'{key}.shear_deg must be in [0, 60), got {aug.shear_deg}')
   if aug.noise_std < 0 or aug.blur_sigma < 0:
-    raise ValueError(f'data.augment.noise_std and blur_sigma must be >= 0, got '
+    raise ValueError(f'{key}.noise_std and blur_sigma must be >= 0, got '
                      f'{aug.noise_std}, {aug.blur_sigma}')
   if not 0.0 < aug.op_prob <= 1.0:
-    raise ValueError(f'data.augment.op_prob must be in (0, 1], got {aug.op_prob}')
+    raise ValueError(f'{key}.op_prob must be in (0, 1], got {aug.op_prob}')
   blur_radius = max(1, int(math.ceil(3 * aug.blur_sigma)))
 
   def augment(image, seed):
@@ -325,7 +327,8 @@ def unlabeled_stream(seed: int, num_examples: int, start: int, stop: int) -> np.
 def unlabeled_batches(images: np.ndarray, *, global_batch: int, seed: int, start_step: int,
                       num_steps: int, pixel_max: float, mean: float, std: float,
                       weak: ml_collections.ConfigDict, strong: ml_collections.ConfigDict,
-                      process_index: int = 0, process_count: int = 1
+                      process_index: int = 0, process_count: int = 1,
+                      strong_key: str = 'semi.strong_augment'
                       ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """Unlabelled images for steps ``[start_step, num_steps)``, each twice: weakly and strongly
   augmented (FixMatch's two views). Step ``s`` takes positions ``[s*B, (s+1)*B)`` of
@@ -335,6 +338,7 @@ def unlabeled_batches(images: np.ndarray, *, global_batch: int, seed: int, start
   Args:
     images: ``[U, *spatial, C]`` unlabelled images (no labels exist here to leak).
     global_batch: unlabelled images per step over all processes.
+    strong_key: the config key of ``strong``, named in its errors.
   Yields:
     (weak, strong) float32 ``[B/P, *spatial, C]`` each.
   """
@@ -342,7 +346,8 @@ def unlabeled_batches(images: np.ndarray, *, global_batch: int, seed: int, start
     return iter(())
   rows = local_rows(global_batch, process_index, process_count)
   spatial = images.ndim - 2
-  weak_fn, strong_fn = make_augment_fn(weak, spatial), make_augment_fn(strong, spatial)
+  weak_fn = make_augment_fn(weak, spatial)
+  strong_fn = make_augment_fn(strong, spatial, strong_key)
   positions = np.arange(start_step * global_batch, num_steps * global_batch,
                         dtype=np.int64).reshape(-1, global_batch)[:, rows].reshape(-1)
   indices = unlabeled_stream(seed, len(images), start_step * global_batch,

@@ -276,14 +276,14 @@ class ClassificationExperiment(Experiment):
     if self.semi_method not in ('fixmatch', 'mixmatch'):
       return batches
     # FixMatch: a weak and a strong view; MixMatch: two weak ones (independent draws).
-    strong = (self.config.semi.strong_augment if self.semi_method == 'fixmatch'
-              else cfg.augment)
+    strong, strong_key = ((self.config.semi.strong_augment, 'semi.strong_augment')
+                          if self.semi_method == 'fixmatch' else (cfg.augment, 'data.augment'))
     views = pipeline.unlabeled_batches(
         self.unlabeled, global_batch=self.global_batch * self.config.semi.unlabeled_ratio,
         seed=self.config.seed, start_step=start_step, num_steps=self.total_steps,
         pixel_max=self.data.pixel_max, mean=cfg.mean, std=cfg.std, weak=cfg.augment,
         strong=strong, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), strong_key=strong_key)
     # This process's rows: [labelled; first views; second views] (see semi.split_rows).
     return ((np.concatenate([x, weak, strong]), y)
             for (x, y), (weak, strong) in zip(batches, views))

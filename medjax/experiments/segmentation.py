@@ -174,7 +174,10 @@ class SegmentationExperiment(Experiment):
                               for k, v in cfg.seg_augment.to_dict().items()}),
         slice_axis=self.slice_axis, skip_empty_slices=cfg.skip_empty_slices,
         slice_context=self.slice_context)
-    if self.semi_method == 'mean_teacher':
+    if self.semi_method == 'fixmatch' and self.num_classes >= IGNORE_LABEL:
+      raise ValueError(f'semi.method=fixmatch marks unsure voxels with label {IGNORE_LABEL}, '
+                       f'which is one of the {self.num_classes} classes here')
+    if self.semi_method in ('fixmatch', 'mean_teacher'):
       unlabeled = {c: (self.cases[c][0], np.zeros(self.cases[c][0].shape[:-1],
                                                    self.cases[c][1].dtype), {})
                    for c in split['unlabeled']}
@@ -254,7 +257,10 @@ class SegmentationExperiment(Experiment):
   def train_inputs(self, state, images, labels, key):
     """Mean teacher: the batch is ``[labelled; unlabelled]`` patches. The student sees the
     unlabelled ones with one Gaussian noise, the teacher (the parameters' moving average)
-    with another; the teacher's probabilities become the consistency targets."""
+    with another; the teacher's probabilities become the consistency targets.
+    FixMatch: :meth:`_fixmatch_inputs`."""
+    if self.semi_method == 'fixmatch':
+      return self._fixmatch_inputs(state, images, labels, key)
     if self.semi_method != 'mean_teacher':
       return images, labels
     cfg, processes = self.config.semi, jax.process_count()
@@ -270,19 +276,54 @@ class SegmentationExperiment(Experiment):
     student_unlabeled = semi.noisy(unlabeled, student_key, cfg.noise_std)
     return semi.join_rows([labeled, student_unlabeled], processes), targets
 
+  def _fixmatch_inputs(self, state, images, labels, key):
+    """FixMatch for segmentation (Sohn et al. 2020; with CutMix as in Yang et al. 2023,
+    UniMatch): the batch is ``[labelled; unlabelled]`` patches, the unlabelled ones weakly
+    augmented by the sampler. This step's model (not differentiated) labels each weak patch
+    voxel by voxel (arg-max; IGNORE_LABEL below ``semi.threshold``); the strong view is the
+    weak patch with a strong intensity perturbation and, with ``cutmix_prob``, a box pasted
+    from another unlabelled patch, its pseudo-label map mixed with the same box. Returns
+    ``[labelled; strong]`` rows and ``{'labels', 'pseudo', 'weight'}``."""
+    cfg, processes = self.config.semi, jax.process_count()
+    strong_cfg = cfg.segmentation_strong
+    labeled, weak = semi.split_rows(images, labels.shape[0], 2, processes)
+    logits = self.model.apply(self.apply_variables(state.params, state.batch_stats), weak,
+                              train=False)
+    logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+    probabilities = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), -1))
+    pseudo = semi.pseudo_label_map(probabilities, cfg.threshold, IGNORE_LABEL)
+    intensity_key, box_key, partner_key = jax.random.split(key, 3)
+    strong = semi.strong_intensity(intensity_key, weak, strong_cfg.brightness,
+                                   strong_cfg.contrast, strong_cfg.noise_std)
+    box = semi.cutmix_boxes(box_key, weak.shape[0], weak.shape[1:-1], strong_cfg.cutmix_prob,
+                            tuple(strong_cfg.cutmix_area))
+    partner = jax.random.permutation(partner_key, weak.shape[0])
+    strong, pseudo = semi.cutmix(box, partner, strong, pseudo)
+    targets = {'labels': labels, 'pseudo': pseudo, 'weight': jnp.float32(cfg.weight)}
+    return semi.join_rows([labeled, strong], processes), targets
+
   def loss(self, outputs, labels) -> jax.Array:
     """Dice/CE-family loss of logits ``[B, *spatial, K]`` (or a list, deep supervision:
     weights 1/2^i, normalised) against labels ``[B, *spatial]``; with a mean teacher, plus
-    the weighted consistency of the unlabelled rows with the teacher."""
-    if self.semi_method != 'mean_teacher':
-      return self._supervised_loss(outputs, labels)
+    the weighted consistency of the unlabelled rows with the teacher; with FixMatch, plus
+    the weighted same loss of the strong rows against their pseudo-label maps (unsure voxels
+    ignored)."""
+    if self.semi_method not in ('fixmatch', 'mean_teacher'):
+      return self._supervised_loss(outputs, labels, self.ignore_label)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     num_labeled, processes = labels['labels'].shape[0], jax.process_count()
     parts = [semi.split_rows(o, num_labeled, 2, processes) for o in outputs]
-    supervised = self._supervised_loss([p[0] for p in parts], labels['labels'])
-    return supervised + labels['weight'] * semi.consistency_mse(parts[0][1], labels['teacher'])
+    supervised = self._supervised_loss([p[0] for p in parts], labels['labels'],
+                                       self.ignore_label)
+    if self.semi_method == 'fixmatch':
+      unlabeled = self._supervised_loss([p[1] for p in parts], labels['pseudo'], IGNORE_LABEL)
+    else:
+      unlabeled = semi.consistency_mse(parts[0][1], labels['teacher'])
+    return supervised + labels['weight'] * unlabeled
 
-  def _supervised_loss(self, outputs, labels) -> jax.Array:
+  def _supervised_loss(self, outputs, labels, ignore_label: Optional[int] = None
+                       ) -> jax.Array:
+    """The configured loss; voxels labelled ``ignore_label`` count in none of its terms."""
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     weights = np.array([1.0 / 2**i for i in range(len(outputs))])
     weights = weights / weights.sum()
@@ -291,7 +332,7 @@ class SegmentationExperiment(Experiment):
     for weight, logits in zip(weights, outputs):
       target = _downsample_labels(labels, logits.shape[1:-1])
       kwargs = dict(include_background=cfg.include_background, per_case=not cfg.batch_dice,
-                    ignore_label=self.ignore_label)
+                    ignore_label=ignore_label)
       if cfg.name == 'dice_ce':
         loss = seg_losses.dice_ce_loss(logits, target, **kwargs)
       elif cfg.name == 'dice':
@@ -302,16 +343,16 @@ class SegmentationExperiment(Experiment):
       elif cfg.name == 'generalized_dice':
         loss = seg_losses.generalized_dice_loss(logits, target, **kwargs)
       elif cfg.name == 'focal':
-        loss = seg_losses.focal_loss(logits, target, cfg.focal_gamma, self.ignore_label)
+        loss = seg_losses.focal_loss(logits, target, cfg.focal_gamma, ignore_label)
       else:
-        loss = seg_losses.cross_entropy(logits, target, self.ignore_label)
+        loss = seg_losses.cross_entropy(logits, target, ignore_label)
       total = total + weight * loss
     return total
 
   def train_iterator(self, start_step: int):
     batches = self.sampler.batches(start_step, self.total_steps, jax.process_index(),
                                    jax.process_count())
-    if self.semi_method != 'mean_teacher':
+    if self.semi_method not in ('fixmatch', 'mean_teacher'):
       return batches
     unlabeled = self.unlabeled_sampler.batches(start_step, self.total_steps,
                                                jax.process_index(), jax.process_count())
