@@ -19,8 +19,9 @@ number of steps (``--num_epochs`` x 50):
 The labelled volumes are a seeded choice among fold 0's 160 training cases
 (``data.labeled_count``); the mean teacher and FixMatch (``--methods fixmatch``) see
 ``semi.unlabeled_ratio`` unlabelled slices per labelled one in every step. Validation: fold
-0's 40 held-out volumes, whole, on their original grid. Finished runs (a results.json) are reused. Prints Dice / HD95 per class and the share of
-the gap between labelled-only and all labels that each method recovers, and writes
+0's 40 held-out volumes, whole, on their original grid. Finished runs (a results.json) are
+reused. Prints Dice / HD95 per class and the share of the gap between labelled-only and all
+labels that each method recovers, and writes
 benchmarks/results/few_labels_hippocampus[_recipe].json.
 """
 
