@@ -6,6 +6,8 @@ labels, on fold 0.
   python benchmarks/few_labels_hippocampus.py --counts 10,20 --runs /tmp/few_labels
   python benchmarks/few_labels_hippocampus.py --protocol recipe --num_epochs 80 \
       --methods mean_teacher --runs /tmp/few_labels     # the CPU recipe, 4000 steps
+  python benchmarks/few_labels_hippocampus.py --protocol recipe --num_epochs 80 \
+      --methods fixmatch --unlabeled_ratio 2 --tag _r2 --runs /tmp/few_labels
 
 Two protocols on configs/hippocampus_unet3d.py:cpu; every run of a table trains the same
 number of steps (``--num_epochs`` x 50):
