@@ -432,8 +432,8 @@ def cutmix_boxes(key: jax.Array, num_rows: int, spatial: Tuple[int, ...], prob: 
 
 def cutmix(box: jax.Array, partner: jax.Array, *arrays: jax.Array) -> Tuple[jax.Array, ...]:
   """Each array ``[U, *spatial, ...]`` with the voxels inside row ``i``'s box ``[U, *spatial]``
-  taken from row ``partner[i]`` (CutMix; images, pseudo-labels and confidences alike, so
-  they stay aligned)."""
+  taken from row ``partner[i]`` (CutMix; images and their pseudo-label maps alike, so they
+  stay aligned)."""
   def mix(x):
     inside = box.reshape(box.shape + (1,) * (x.ndim - box.ndim))
     return jnp.where(inside, x[partner], x)

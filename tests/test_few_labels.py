@@ -707,8 +707,8 @@ def test_segmentation_fixmatch_targets_are_this_steps_pseudo_labels(tmp_path):
   rows, targets = exp.train_inputs(state, jnp.asarray(images), jnp.asarray(labels),
                                    jax.random.PRNGKey(0))
   np.testing.assert_allclose(rows, images, atol=1e-6)
-  logits = exp.model.apply({'params': state.params}, images[num_labeled:], train=False)
-  logits = np.asarray(logits[0] if isinstance(logits, (list, tuple)) else logits, np.float64)
+  logits = np.asarray(exp.model.apply({'params': state.params}, images[num_labeled:],
+                                      train=False), np.float64)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   expected = np.where(p.max(-1) >= 0.5, p.argmax(-1), IGNORE_LABEL)

@@ -287,9 +287,9 @@ class SegmentationExperiment(Experiment):
     cfg, processes = self.config.semi, jax.process_count()
     strong_cfg = cfg.segmentation_strong
     labeled, weak = semi.split_rows(images, labels.shape[0], 2, processes)
+    # train=False: one output even with deep supervision (the full-resolution logits).
     logits = self.model.apply(self.apply_variables(state.params, state.batch_stats), weak,
                               train=False)
-    logits = logits[0] if isinstance(logits, (list, tuple)) else logits
     probabilities = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), -1))
     pseudo = semi.pseudo_label_map(probabilities, cfg.threshold, IGNORE_LABEL)
     intensity_key, box_key, partner_key = jax.random.split(key, 3)
