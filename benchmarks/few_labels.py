@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -74,6 +75,13 @@ def run(dataset: str, workdir: str, seeds, overrides) -> dict:
 def cell(summary: dict, metric: str) -> dict:
   entry = summary['splits']['test'][metric]
   return {'mean': entry['mean'], 'sd': entry['sd'], 'per_seed': entry['per_seed']}
+
+
+def mean_sd_text(entry: dict) -> str:
+  """'mean ± sd', or the mean alone for one seed (its sd is undefined)."""
+  if math.isnan(entry['sd']):
+    return f"{entry['mean']:.3f}"
+  return f"{entry['mean']:.3f} ± {entry['sd']:.3f}"
 
 
 def gap_text(row: dict, recovered) -> str:
@@ -150,8 +158,7 @@ def main() -> None:
   for row in rows:
     recovered = row.get('auc_gap_recovered')
     print(f"{row['fraction']:>8.0%} {LABELS[row['method']]:<18} "
-          f"{row['auc']['mean']:>8.3f} ± {row['auc']['sd']:.3f} "
-          f"{row['accuracy']['mean']:>8.3f} ± {row['accuracy']['sd']:.3f} "
+          f"{mean_sd_text(row['auc']):>17} {mean_sd_text(row['accuracy']):>17} "
           f"{gap_text(row, recovered):>24} {row['wall_time_s']:>8.0f}")
   write_results(args.out or os.path.join(REPO, 'benchmarks', 'results',
                                          f'few_labels_{args.dataset}.json'),

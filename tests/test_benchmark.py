@@ -91,6 +91,39 @@ def test_gap_interval_resamples_seeds_with_their_pairs():
   assert share_of_gap_interval(values[:2], bases[:2], ceilings[:2]) is None
 
 
+def test_hippocampus_seed_means_pair_each_seeds_runs():
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  import few_labels_hippocampus as bench
+  rng = np.random.default_rng(1)
+  # Each seed's FixMatch run recovers exactly half of its own seed's gap.
+  dice = {'labelled only': [0.83, 0.80, 0.81], 'FixMatch': [0.85, 0.83, 0.83],
+          'all labels': [0.87, 0.86, 0.85]}
+  rows = []
+  for seed in range(3):
+    for method, values in dice.items():
+      count = 'all' if method == 'all labels' else 10
+      rows.append({'labelled_volumes': count, 'seed': seed, 'method': method,
+                   'dice': values[seed], 'dice_anterior': rng.uniform(),
+                   'dice_posterior': rng.uniform(), 'hd95_anterior_mm': rng.uniform(1, 4),
+                   'hd95_posterior_mm': rng.uniform(1, 4), 'train_minutes': rng.uniform(10, 40),
+                   **({'settings': ''} if method == 'FixMatch' else {})})
+  means = {m['method']: m for m in bench.seed_means(rows)}
+  assert set(means) == set(dice)
+  for method, values in dice.items():
+    assert means[method]['dice'] == pytest.approx(np.mean(values))
+    assert means[method]['dice_sd'] == pytest.approx(np.std(values, ddof=1))
+    assert means[method]['seeds'] == [0, 1, 2]
+  ant = [r['hd95_anterior_mm'] for r in rows if r['method'] == 'FixMatch']
+  assert means['FixMatch']['hd95_anterior_mm'] == pytest.approx(np.mean(ant))
+  # The share of the means, and an interval of zero width: the seeds are resampled with
+  # their own labelled-only and all-labels runs (unpaired resampling would spread it).
+  assert means['FixMatch']['dice_gap_recovered'] == pytest.approx(0.5)
+  low, high = means['FixMatch']['dice_gap_recovered_ci95']
+  assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
+  assert means['labelled only']['dice_gap_recovered'] == ''
+
+
 def test_a_stopped_run_ends_the_benchmark_cleanly_and_the_same_command_resumes(tmp_path,
                                                                                  capsys):
   argv = _benchmark_argv(tmp_path, '0', '--recipe', 'configs/breastmnist.py:runlocal')
