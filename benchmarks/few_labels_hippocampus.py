@@ -166,10 +166,11 @@ def main() -> None:
       labelled = [*seeded, f'data.labeled_count={count}']
       teacher = os.path.join(root, f'n{count}', folder('none', seed))
       rows.append(row(count, 'none', run(teacher, labelled), seed))
+      overrides = {**method_overrides,
+                   'self_training': ['semi.method=self_training', f'semi.teacher={teacher}']}
       for method in methods:
-        teacher_override = ['semi.method=self_training', f'semi.teacher={teacher}']
         result = run(os.path.join(root, f'n{count}', folder(method + args.tag, seed)),
-                     [*labelled, *method_overrides.get(method, teacher_override), *extra])
+                     [*labelled, *overrides[method], *extra])
         rows.append(dict(row(count, method, result, seed), settings=';'.join(extra)))
     everything[seed] = row('all', 'all', run(os.path.join(root, folder('all', seed)), seeded), seed)
     rows.append(everything[seed])
@@ -190,14 +191,15 @@ def main() -> None:
                   dice_gap_ci95=gap_interval_text(r.get('dice_gap_recovered_ci95')))
              for r in rows]
   print_table(printed, [('labelled_volumes', 'labelled', ''), ('seed', 'seed', ''),
-                     ('method', 'method', ''),
-                     ('dice_anterior', 'Dice ant', '.4f'), ('dice_posterior', 'Dice post', '.4f'),
-                     ('dice', 'Dice', '.4f'), ('dice_sd', 'sd', '.4f'),
-                     ('hd95_anterior_mm', 'HD95 ant mm', '.2f'),
-                     ('hd95_posterior_mm', 'HD95 post mm', '.2f'),
-                     ('dice_gap_recovered', 'gap recovered', '.0%'),
-                     ('dice_gap_ci95', '95 % (seeds)', ''),
-                     ('train_minutes', 'minutes', '.1f')])
+                        ('method', 'method', ''),
+                        ('dice_anterior', 'Dice ant', '.4f'),
+                        ('dice_posterior', 'Dice post', '.4f'),
+                        ('dice', 'Dice', '.4f'), ('dice_sd', 'sd', '.4f'),
+                        ('hd95_anterior_mm', 'HD95 ant mm', '.2f'),
+                        ('hd95_posterior_mm', 'HD95 post mm', '.2f'),
+                        ('dice_gap_recovered', 'gap recovered', '.0%'),
+                        ('dice_gap_ci95', '95 % (seeds)', ''),
+                        ('train_minutes', 'minutes', '.1f')])
   out = args.out or os.path.join(
       REPO, 'benchmarks', 'results',
       f"few_labels_hippocampus{suffix}{'_seeds' if len(seeds) > 1 else ''}.json")
