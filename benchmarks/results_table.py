@@ -1,17 +1,17 @@
 """What the benchmarks share: timing a compiled step, and at the end printing the rows as a
 table and writing them as JSON with a description of the machine (so numbers from different
-machines are not confused)."""
+machines are not confused). The same column specs give the Markdown tables of
+``docs/results/`` (``results_pages.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import jax
-
-# (row key, column header, format spec); a missing value prints as nan.
+# (row key, column header, format spec); a missing value prints as nan. A value that is a
+# ``{'mean', 'sd'}`` dict prints as ``mean ± sd``, each with the spec.
 Column = Tuple[str, str, str]
 
 
@@ -19,6 +19,8 @@ def seconds_per_step(step, state, *args, steps: int, warmup: int = 1) -> float:
   """Wall seconds per call of ``state, out = step(state, *args)`` after ``warmup`` calls
   (compilation), waiting for the device at both ends."""
   import time
+
+  import jax
   for _ in range(warmup):
     state, out = step(state, *args)
   jax.block_until_ready(out)
@@ -55,10 +57,23 @@ def share_of_gap_interval(values: Sequence[float], bases: Sequence[float],
   return float(np.percentile(shares, tail)), float(np.percentile(shares, 100 - tail))
 
 
+def format_cell(row: Dict, key: str, spec: str, missing: str = 'nan') -> str:
+  """``row[key]`` formatted with ``spec``: numbers, ``{'mean', 'sd'}`` dicts as ``mean ± sd``,
+  anything else as text; ``missing`` where the row has no value (None or absent)."""
+  value: Any = row.get(key)
+  if value is None:
+    return missing
+  if isinstance(value, dict) and 'mean' in value:
+    text = format(value['mean'], spec)
+    return f"{text} ± {format(value['sd'], spec)}" if value.get('sd') is not None else text
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return format(value, spec)
+  return str(value)
+
+
 def print_table(rows: List[Dict], columns: Sequence[Column]) -> None:
   def cell(r, key, spec):
-    value = r.get(key, float('nan'))
-    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+    return format_cell(r, key, spec)
 
   # Each column as wide as its header or its widest value, plus two spaces.
   widths = [max([len(header), 6] + [len(cell(r, key, spec)) for r in rows]) + 2
@@ -70,7 +85,20 @@ def print_table(rows: List[Dict], columns: Sequence[Column]) -> None:
                   for i, ((key, _, spec), w) in enumerate(zip(columns, widths))))
 
 
+def markdown_table(rows: List[Dict], columns: Sequence[Column], missing: str = '') -> str:
+  """The rows as a Markdown table (the cells of :func:`print_table`; ``|`` escaped)."""
+  def cell(r, key, spec):
+    return format_cell(r, key, spec, missing).replace('|', '\\|')
+
+  lines = ['| ' + ' | '.join(header for _, header, _ in columns) + ' |',
+           '|' + '|'.join(' --- ' for _ in columns) + '|']
+  lines += ['| ' + ' | '.join(cell(r, key, spec) for key, _, spec in columns) + ' |'
+            for r in rows]
+  return '\n'.join(lines)
+
+
 def write_results(path: str, rows: List[Dict], **extra) -> None:
+  import jax
   report = {'device': str(jax.devices()[0]), 'device_count': jax.device_count(),
             'cpu_count': os.cpu_count(), 'platform': platform.platform(),
             'jax': jax.__version__, **extra, 'results': rows}
