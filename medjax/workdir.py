@@ -1,6 +1,6 @@
 """The workdir contract: which files a run writes, and the one way each is written.
 
-A workdir holds (see README, "Workdir"):
+A workdir holds (see docs/workdir.md):
 
 ==========================  ==================================================================
 ``config.json``             the resolved config (``medjax train --config DIR/config.json``

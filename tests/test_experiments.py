@@ -1,5 +1,5 @@
-"""The task seam: the import graph has no cycle, and a new task (the README's toy task) is one
-registered class that trains with the shared loop and writes a valid workdir."""
+"""The task seam: the import graph has no cycle, and a new task (the toy task of docs/adding.md)
+is one registered class that trains with the shared loop and writes a valid workdir."""
 
 import ast
 import json
@@ -80,17 +80,20 @@ def test_a_cycle_would_be_found():
   assert _find_cycle({'a': {'b'}, 'b': set()}) is None
 
 
-def _readme_toy_task() -> str:
-  text = (ROOT / 'README.md').read_text()
+TOY_TASK_PAGE = ROOT / 'docs' / 'adding.md'
+
+
+def _docs_toy_task() -> str:
+  text = TOY_TASK_PAGE.read_text()
   match = re.search(r'<!-- toy-task -->\n```python\n(.*?)```', text, re.S)
-  assert match, 'README.md lost its toy-task example'
+  assert match, 'docs/adding.md lost its toy-task example'
   return match.group(1)
 
 
 @pytest.fixture
 def toy_task():
   namespace = {}
-  exec(compile(_readme_toy_task(), 'README.md (toy task)', 'exec'), namespace)
+  exec(compile(_docs_toy_task(), 'docs/adding.md (toy task)', 'exec'), namespace)
   yield namespace['BrightnessExperiment']
   experiments.TASKS.pop('brightness', None)
 

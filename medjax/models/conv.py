@@ -195,7 +195,7 @@ def choose_impl(backend: str, input_shape: Sequence[int], kernel_shape: Sequence
                 strides: Sequence[int]) -> str:
   """What ``'auto'`` runs for one layer (input ``[B, *S, C_in]``, kernel
   ``[*K, C_in, C_out]``): XLA off CPU; on CPU a rule from the per-layer measurements of
-  ``benchmarks/conv_vs_torch.py`` (see README's benchmark section)."""
+  ``benchmarks/conv_vs_torch.py`` (see docs/cpu_convolutions.md)."""
   if backend != 'cpu':
     return 'xla'
   nd = len(input_shape) - 2
