@@ -191,9 +191,9 @@ def _run(args, overrides: List[str]) -> int:
     return commands[args.command](args)
   if args.command == 'train':
     config = config_lib.load_config_file(args.config)
+    if args.seeds:  # the same as --config.train.seeds=(0,1,2)
+      overrides.append(f'train.seeds=({args.seeds},)')
     config_lib.apply_overrides(config, overrides)
-    if args.seeds:
-      config.train.seeds = tuple(int(k) for k in args.seeds.split(',') if k.strip())
     if args.distributed or args.coordinator_address:
       initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   from medjax import train as train_lib

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from medjax import config as config_lib
+
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -103,3 +105,36 @@ def sliding_window_stack(predict: PredictFn, images: np.ndarray, roi_size: Seque
       total_weight[region] += weights
   output /= total_weight
   return output[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+
+
+@config_lib.declare
+def _defaults(c) -> None:
+  # Sliding-window inference (segmentation validation and prediction).
+  i = config_lib.section(c, 'inference')
+  i.overlap = 0.5
+  i.blend = 'gaussian'           # 'gaussian' | 'constant'
+  i.mirror_axes = ()             # spatial axes for mirroring test-time augmentation
+
+
+def fixed_batches(predict: Callable[[np.ndarray], np.ndarray], batch_size: int
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+  """``predict`` of a compiled model on up to ``batch_size`` windows ``[n, ...]``, each call
+  zero-padded to ``batch_size`` rows: one static shape, one compilation."""
+  def padded(windows: np.ndarray) -> np.ndarray:
+    n = len(windows)
+    rows = np.zeros((batch_size,) + windows.shape[1:], np.float32)
+    rows[:n] = windows
+    return np.asarray(predict(rows))[:n]
+  return padded
+
+
+def mean_predictor(predictors: Sequence[Callable[[np.ndarray], np.ndarray]]
+                   ) -> Callable[[np.ndarray], np.ndarray]:
+  """The mean of several predictors' outputs for the same input (an ensemble)."""
+  def mean(image: np.ndarray) -> np.ndarray:
+    total = None
+    for predict in predictors:
+      probs = predict(image)
+      total = probs if total is None else total + probs
+    return total / len(predictors)
+  return mean

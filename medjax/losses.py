@@ -62,10 +62,16 @@ def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
 
   ``class_weights`` plays the role of the paper's alpha. gamma=0 is cross-entropy.
   """
-  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  log_pt = jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
-  losses = -((1.0 - jnp.exp(log_pt)) ** gamma) * log_pt
+  losses = focal_terms(logits, labels, gamma)
   return losses, _label_weights(labels, class_weights, losses.dtype)
+
+
+def focal_terms(logits: jax.Array, labels: jax.Array, gamma: float) -> jax.Array:
+  """``-(1 - p_t)^gamma * log p_t`` of logits ``[..., K]`` and int labels ``[...]`` (per
+  example, or per voxel), softmax over the last axis in float32."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_pt = jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+  return -((1.0 - jnp.exp(log_pt)) ** gamma) * log_pt
 
 
 def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array):

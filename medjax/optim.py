@@ -9,6 +9,30 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from medjax import config as config_lib
+
+
+@config_lib.declare
+def _defaults(c) -> None:
+  o = config_lib.section(c, 'optimizer')
+  o.name = 'adam'           # 'sgd' | 'adam' | 'adamw' | 'adagrad'
+  o.learning_rate = 1e-3
+  o.momentum = 0.9          # sgd
+  o.nesterov = False        # sgd
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  # L2 added to the gradient (PyTorch-style) for sgd/adam/adagrad; decoupled for adamw.
+  o.weight_decay = 0.0
+  o.grad_clip_norm = 0.0    # 0 = no clipping
+  o.schedule = 'constant'   # 'constant' | 'multistep' | 'cosine'
+  o.milestones_epochs = ()  # multistep: epochs at which lr *= decay_factor
+  o.decay_factor = 0.1
+  o.warmup_epochs = 0.0     # linear warm-up from 0, before any schedule
+  # > 0 (e.g. 0.999): also keep an exponential moving average of the parameters (decay per
+  # step) and validate, select, test, predict and explain with it (FixMatch's protocol).
+  o.ema_decay = 0.0
+
 
 def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
                   total_steps: int) -> optax.Schedule:

@@ -9,10 +9,9 @@ to its TensorBoard log.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -203,23 +202,17 @@ def explanation_figure(image2d: np.ndarray, maps: Dict[str, np.ndarray], title: 
 
 
 # ----- a workdir's figures -----------------------------------------------------------------
-def _load_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
 def write_run_plots(workdir: str, splits: Sequence[str] = ('val', 'test'),
+                    task_figures: Optional[Callable[..., Dict[str, str]]] = None,
                     tensorboard_step: Optional[int] = None) -> Dict[str, str]:
-  """Draws every figure the workdir's files support into ``<workdir>/plots/``.
-
-  Classification: learning curves, and per split ROC curves, confusion matrix and
-  reliability diagram (from ``predictions_<split>.npz``). Segmentation: learning curves and
-  the best and worst validation cases. Returns {name: png path}; the same images go to
-  TensorBoard (at ``tensorboard_step``, default the selected step) under ``plots/``.
+  """Draws every figure the workdir's files support into ``<workdir>/plots/``: the learning
+  curves, then the task's own (``task_figures(workdir, config, results, out_dir, splits)``,
+  the experiment's ``run_figures``: ROC curves, confusion matrices, case overlays, ...).
+  Returns {name: png path}; the same images go to TensorBoard (at ``tensorboard_step``,
+  default the selected step) under ``plots/``.
   """
-  config = _load_json(os.path.join(workdir, 'config.json'))
-  results_path = os.path.join(workdir, 'results.json')
-  results = _load_json(results_path) if os.path.exists(results_path) else {}
+  config = workdir_lib.read_json(os.path.join(workdir, 'config.json'))
+  results = workdir_lib.read_json(os.path.join(workdir, 'results.json'), {})
   out_dir = os.path.join(workdir, 'plots')
   written: Dict[str, str] = {}
   selection = config['train']['selection_metric']
@@ -227,32 +220,29 @@ def write_run_plots(workdir: str, splits: Sequence[str] = ('val', 'test'),
   if records:
     fig = learning_curves_figure(records, selection, results.get('selected_step'))
     written['learning_curves'] = save(fig, os.path.join(out_dir, 'learning_curves.png'))
-  if config['task'] == 'segmentation':
-    written.update(segmentation_case_plots(workdir, config, results, out_dir))
-  else:
-    for split in splits:
-      path = os.path.join(workdir, f'predictions_{split}.npz')
-      if not os.path.exists(path):
-        continue
-      with np.load(path) as f:
-        labels, scores = f['labels'], f['scores']
-        names = [str(n) for n in f['class_names']]
-      task = results.get('scores_task') or results.get('task') or config['task']
-      written[f'roc_{split}'] = save(roc_figure(task, labels, scores, names,
-                                                f'ROC, {split} split'),
-                                     os.path.join(out_dir, f'roc_{split}.png'))
-      if task != 'multilabel':
-        # From the predictions file itself (results.json may describe another checkpoint
-        # when `medjax evaluate --step` wrote it), with the metrics' own decision rule.
-        cm = metrics_lib.classification_metrics(task, labels, scores)['confusion_matrix']
-        written[f'confusion_{split}'] = save(
-            confusion_figure(np.array(cm), names, f'confusion matrix, {split} split'),
-            os.path.join(out_dir, f'confusion_{split}.png'))
-        written[f'reliability_{split}'] = save(
-            reliability_figure(task, labels, scores, title=f'reliability, {split} split'),
-            os.path.join(out_dir, f'reliability_{split}.png'))
+  if task_figures is not None:
+    written.update(task_figures(workdir, config, results, out_dir, splits))
   step = tensorboard_step if tensorboard_step is not None else results.get('selected_step', 0)
   add_to_tensorboard(workdir, written, step)
+  return written
+
+
+def classifier_figures(labels: np.ndarray, scores: np.ndarray, names: Sequence[str],
+                       task: str, split: str, out_dir: str) -> Dict[str, str]:
+  """ROC curves, and (one label per example) the confusion matrix and the reliability
+  diagram of a split's predictions, as PNG files in ``out_dir``."""
+  written = {f'roc_{split}': save(roc_figure(task, labels, scores, names, f'ROC, {split} split'),
+                                  os.path.join(out_dir, f'roc_{split}.png'))}
+  if task != 'multilabel':
+    # From the predictions themselves (results.json may describe another checkpoint when
+    # `medjax evaluate --step` wrote it), with the metrics' own decision rule.
+    cm = metrics_lib.classification_metrics(task, labels, scores)['confusion_matrix']
+    written[f'confusion_{split}'] = save(
+        confusion_figure(np.array(cm), names, f'confusion matrix, {split} split'),
+        os.path.join(out_dir, f'confusion_{split}.png'))
+    written[f'reliability_{split}'] = save(
+        reliability_figure(task, labels, scores, title=f'reliability, {split} split'),
+        os.path.join(out_dir, f'reliability_{split}.png'))
   return written
 
 
@@ -343,13 +333,13 @@ def segmentation_case_plots(workdir: str, config: Dict, results: Dict,
   return written
 
 
-def write_plots_safely(workdir: str, splits=('val', 'test')) -> None:
-  """The workdir's figures (:func:`medjax.plots.write_run_plots`); a plotting failure is
-  reported but never costs the run's results, which are written before."""
+def write_plots_safely(workdir: str, splits=('val', 'test'), task_figures=None) -> None:
+  """The workdir's figures (:func:`write_run_plots`); a plotting failure is reported but
+  never costs the run's results, which are written before."""
   if not workdir_lib.is_main():
     return
   try:
-    written = write_run_plots(workdir, splits)
+    written = write_run_plots(workdir, splits, task_figures)
   except Exception as e:  # noqa: BLE001
     print(f'warning: could not draw the plots of {workdir}: {type(e).__name__}: {e}')
     return

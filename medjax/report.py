@@ -17,23 +17,9 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
+from medjax import workdir as workdir_lib
+from medjax.experiments import Experiment, task_class
 from medjax.metrics import mean_sd
-
-
-def _read_json(path: str, default=None):
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
-
-
-def _is_seed_group(path: str) -> bool:
-  """A folder trained with ``train.seeds``: its runs are its ``seed_<K>`` subfolders."""
-  try:
-    with open(os.path.join(path, 'config.json')) as f:
-      return bool(json.load(f).get('train', {}).get('seeds'))
-  except (OSError, ValueError):
-    return False
 
 
 def find_runs(path: str) -> List[str]:
@@ -41,7 +27,7 @@ def find_runs(path: str) -> List[str]:
   deep, sorted): a folder of seeds or folds."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path}: no such folder')
-  if os.path.exists(os.path.join(path, 'config.json')) and not _is_seed_group(path):
+  if os.path.exists(os.path.join(path, 'config.json')) and not workdir_lib.is_seed_group(path):
     return [path]
   runs = []
   for root, dirs, files in os.walk(path):
@@ -71,13 +57,11 @@ def load_run(workdir: str) -> Dict:
   plots_dir = os.path.join(workdir, 'plots')
   plots = sorted((os.path.join(plots_dir, f) for f in os.listdir(plots_dir)
                   if f.endswith('.png')), key=_plot_order) if os.path.isdir(plots_dir) else []
-  return {'workdir': workdir,
-          'config': _read_json(os.path.join(workdir, 'config.json')),
-          'results': _read_json(os.path.join(workdir, 'results.json')),
-          'model_summary': _read_json(os.path.join(workdir, 'model_summary.json')),
-          'fingerprint': _read_json(os.path.join(workdir, 'data_fingerprint.json')),
-          'command': _read_json(os.path.join(workdir, 'command.json')),
-          'plots': plots}
+  files = {'config': 'config', 'results': 'results', 'model_summary': 'model_summary',
+           'fingerprint': 'data_fingerprint', 'command': 'command'}
+  return {'workdir': workdir, 'plots': plots,
+          **{key: workdir_lib.read_json(os.path.join(workdir, f'{name}.json'), None)
+             for key, name in files.items()}}
 
 
 def headline_metrics(results: Optional[Dict]) -> Dict[str, float]:
@@ -105,7 +89,7 @@ def run_row(run: Dict, base: str = '') -> Dict[str, object]:
   row: Dict[str, object] = {
       'run': name, 'model': config['model']['name'], 'data': row_data(run),
       'seed': config['seed'],
-      'fold': config['data']['fold'] if config['task'] == 'segmentation' else '',
+      'fold': task_class(config['task'], Experiment).run_labels(config).get('fold', ''),
       'status': 'done' if run['results'] else 'unfinished',
       'selected_step': results.get('selected_step', ''),
       'parameters': summary.get('parameters', ''),
@@ -257,34 +241,13 @@ def _fingerprint_html(fingerprint: Optional[Dict]) -> str:
           + _html_table(rows, ['property', 'value']))
 
 
-def _segmentation_table(results: Dict) -> str:
-  """Per split: one row per foreground class (Dice, IoU, ..., distances in mm)."""
-  parts = []
-  names = results.get('class_names', [])[1:]
-  for split in ('val', 'test'):
-    metrics = results.get(split)
-    if not isinstance(metrics, dict):
-      continue
-    rows = []
-    for name in names:
-      row = {'class': name}
-      for metric, label in (('dice', 'Dice'), ('iou', 'IoU'), ('sensitivity', 'sensitivity'),
-                            ('precision', 'precision'), ('hd95', 'HD95 (mm)'),
-                            ('assd', 'ASSD (mm)'), ('hd95_failures', 'HD95 undefined')):
-        if f'{metric}_{name}' in metrics:
-          row[label] = metrics[f'{metric}_{name}']
-      rows.append(row)
-    if rows:
-      parts.append(f"<p>{split}: {_e(metrics.get('num_cases', '?'))} cases, mean foreground "
-                   f"Dice {_e(_fmt(metrics.get('dice', math.nan)))}</p>" + _html_table(rows, list(rows[0])))
-  return ''.join(parts)
-
-
 def _split_tables(results: Optional[Dict]) -> str:
   if not results:
     return '<p class="muted">training has not finished: no results.json</p>'
-  if results.get('task') == 'segmentation':
-    return _segmentation_table(results)
+  tables = task_class(results.get('task', ''), Experiment).report_tables(results)
+  if tables is not None:  # the task's own: [(caption, value, rows)]
+    return ''.join(f'<p>{_e(caption)} {_e(_fmt(value))}</p>' + _html_table(rows, list(rows[0]))
+                   for caption, value, rows in tables if rows)
   metrics = headline_metrics(results)
   splits = sorted({k.split('/')[0] for k in metrics}, key=('val', 'test').index)
   names = []

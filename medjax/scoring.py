@@ -16,9 +16,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
-import numpy as np
 
-from medjax import metrics, seg_metrics
+from medjax import seg_metrics
 from medjax.data import layouts, nifti
 
 
@@ -58,12 +57,8 @@ def score_folders(pred_dir: str, ref_dir: str, out_dir: str,
   for cls in sorted({r['class'] for r in rows}):
     entry = {}
     for metric in seg_metrics.METRICS:
-      values = np.array([r[metric] for r in rows if r['class'] == cls], np.float64)
-      mean, sd = metrics.mean_sd(values)
-      entry[metric] = {
-          'mean': mean, 'sd': sd,
-          'n': int(np.isfinite(values).sum()), 'undefined': int(np.isnan(values).sum()),
-          'failures_inf': int(np.isinf(values).sum())}
+      entry[metric] = seg_metrics.metric_summary(
+          [r[metric] for r in rows if r['class'] == cls])
     summary['classes'][str(cls)] = entry
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medjax import checkpoint, workdir as workdir_lib
+from medjax import workdir as workdir_lib
+from medjax.experiments.state import global_batch
 from medjax.metrics import mean_sd
 
 
@@ -84,7 +85,8 @@ def stack_trees(trees: Sequence[Any]) -> Any:
 def _unrolled(step, n: int, states, images, labels):
   """The single-run step once per seed, unrolled in the program (independent copies that
   the compiler may schedule side by side), outputs stacked on the seed axis."""
-  return stack_trees([step(member_state(states, k), images[k], labels[k]) for k in range(n)])
+  return stack_trees([step(member_state(states, k), images[k], member_state(labels, k))
+                      for k in range(n)])
 
 
 class Group:
@@ -98,9 +100,9 @@ class Group:
     self.program = resolve_program(program)
     self.batch_sharding = NamedSharding(exp.mesh, P(None, 'data'))
     if self.program == 'vmap':
-      step = jax.vmap(exp._train_step_impl)
+      step = jax.vmap(exp.step_fn)
     else:
-      step = functools.partial(_unrolled, exp._train_step_impl, len(members))
+      step = functools.partial(_unrolled, exp.step_fn, len(members))
     self._step = jax.jit(step,
                          in_shardings=(exp.replicated, self.batch_sharding,
                                        self.batch_sharding),
@@ -108,64 +110,24 @@ class Group:
     self._stack = jax.jit(stack_trees, out_shardings=exp.replicated)
 
   def init(self) -> Any:
-    """The stacked fresh states (each member's warm start with ``train.init_from``)."""
-    keys = jnp.stack([jax.random.PRNGKey(m.exp.config.seed) for m in self.members])
-    state = jax.jit(jax.vmap(self.exp._init_impl), out_shardings=self.exp.replicated)(keys)
-    source = self.exp.config.train.init_from
-    if not source:
-      return state
-    loaded = {}  # a plain workdir starts every member: load it once
-    starts = []
-    for member in self.members:
-      where = workdir_lib.seed_member(source, member.exp.config.seed)
-      if where not in loaded:
-        loaded[where] = member.exp.warm_start_variables()
-      starts.append(loaded[where])
-    return jax.jit(jax.vmap(self.exp._warm_start_impl),
-                   out_shardings=self.exp.replicated)(state, stack_trees(starts))
+    """The members' fresh states (each its own seed, and its warm start with
+    ``train.init_from``: :meth:`Experiment.init_state`), stacked on the seed axis."""
+    return self.stack([m.exp.init_state() for m in self.members])
 
   def stack(self, states: Sequence[Any]) -> Any:
     return self._stack(list(states))
 
-  def train_step(self, state, images: np.ndarray, labels: np.ndarray):
-    as_global = lambda a: jax.make_array_from_process_local_data(  # noqa: E731
-        self.batch_sharding, a)
-    return self._step(state, as_global(images), as_global(labels))
+  def train_step(self, state, images: np.ndarray, labels: Any):
+    """One step of every member: ``images`` ``[N, B, ...]``, ``labels`` a pytree of
+    ``[N, B, ...]`` arrays (this process's rows)."""
+    return self._step(state, global_batch(self.batch_sharding, images),
+                      global_batch(self.batch_sharding, labels))
 
   def batches(self, start_step: int):
+    """The members' batches stacked on the seed axis (targets of any pytree structure)."""
     iterators = [m.exp.train_iterator(start_step) for m in self.members]
     for pairs in zip(*iterators):
-      yield np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-
-def start(group: Group, on_fresh) -> Tuple[Any, int]:
-  """(stacked state, start step): the newest step every member has intact, or fresh
-  (``on_fresh(member, its state, k)`` then writes each member's model summary)."""
-  found = [checkpoint.restore_latest_intact(m.manager, m.exp.abstract_state())
-           for m in group.members]
-  common = min((f[0] if f is not None else 0) for f in found)
-  if common == 0:
-    for member in group.members:  # a kill inside the first round of saves: start over
-      for step in member.manager.all_steps():
-        member.manager.delete(step)
-    state = group.init()
-    for k, member in enumerate(group.members):
-      member.pending = []
-      on_fresh(member, member_state(state, k), k)
-    print(f'{len(group.members)} seeds in one program ({group.program} over the seed axis): '
-          f"{', '.join(str(m.exp.config.seed) for m in group.members)}")
-    return state, 0
-  states = []
-  for member, (step, state, meta) in zip(group.members, found):
-    if step != common:  # ahead of another member: go back to the common step
-      state, meta = checkpoint.restore(member.manager, common, member.exp.abstract_state())
-      for newer in [s for s in member.manager.all_steps() if s > common]:
-        member.manager.delete(newer)
-    member.pending = list(meta.get('pending_train_losses', []))
-    states.append(state)
-  print(f'Resuming {len(states)} seeds from step {common} in '
-        f'{os.path.dirname(group.members[0].workdir)}')
-  return group.stack(states), common
+      yield jax.tree.map(lambda *xs: np.stack(xs), *pairs)
 
 
 def summarize(exp, seeds: Sequence[int], results: Sequence[Dict], workdirs: Sequence[str],
@@ -183,9 +145,9 @@ def summarize(exp, seeds: Sequence[int], results: Sequence[Dict], workdirs: Sequ
       mean, sd = mean_sd(values)
       entry[key] = {'mean': mean, 'sd': sd, 'per_seed': values}
     summary['splits'][split] = entry
-    ensemble = getattr(exp, 'ensemble', None)
-    if ensemble is not None and workdir_lib.is_main():
-      metrics, predictions = ensemble(workdirs, split)
+    ensemble = exp.ensemble(workdirs, split) if workdir_lib.is_main() else None
+    if ensemble is not None:
+      metrics, predictions = ensemble
       summary['ensemble'][split] = {k: v for k, v in metrics.items()
                                     if k in results[0]['headline_metrics']}
       exp.save_predictions(workdir, f'ensemble_{split}', predictions)

@@ -12,11 +12,15 @@ voxel mean of CE / focal), e.g. the voxels a self-training teacher is unsure of.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from medjax import config as config_lib
+from medjax.losses import focal_terms
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, *, include_background: bool = False,
@@ -93,10 +97,8 @@ def _class_indices(labels, ignore_label):
 def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
                ignore_label: Optional[int] = None) -> jax.Array:
   """Voxel-wise focal loss ``-(1 - p_t)^gamma log p_t``, averaged over voxels."""
-  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  indices = _class_indices(labels, ignore_label)
-  log_pt = jnp.take_along_axis(log_p, indices[..., None], axis=-1)[..., 0]
-  return _voxel_mean(-((1.0 - jnp.exp(log_pt)) ** gamma) * log_pt, labels, ignore_label)
+  return _voxel_mean(focal_terms(logits, _class_indices(labels, ignore_label), gamma), labels,
+                     ignore_label)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
@@ -113,3 +115,53 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: float = 1
   return (dice_weight * soft_dice_loss(logits, labels, ignore_label=ignore_label,
                                        **dice_kwargs) +
           ce_weight * cross_entropy(logits, labels, ignore_label))
+
+SEG_LOSSES = ('dice_ce', 'dice', 'ce', 'focal', 'tversky', 'generalized_dice')
+
+
+def _downsample_labels(labels: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Nearest-neighbour (strided) downsampling of ``[B, *spatial]`` labels to ``shape``."""
+  steps = [full // small for full, small in zip(labels.shape[1:], shape)]
+  return labels[(slice(None),) + tuple(slice(None, None, s) for s in steps)]
+
+
+def configured_loss(outputs, labels: jax.Array, cfg, ignore_label: Optional[int] = None
+                    ) -> jax.Array:
+  """The loss ``cfg`` (``config.loss``: ``name`` in :data:`SEG_LOSSES` and its options) of
+  logits ``[B, *spatial, K]``, or a list of them from coarse decoder levels too (deep
+  supervision: weights 1/2^i, normalised; labels ``[B, *spatial]`` downsampled to each);
+  voxels labelled ``ignore_label`` count in none of its terms."""
+  outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+  weights = np.array([1.0 / 2**i for i in range(len(outputs))])
+  weights = weights / weights.sum()
+  total = 0.0
+  for weight, logits in zip(weights, outputs):
+    target = _downsample_labels(labels, logits.shape[1:-1])
+    kwargs = dict(include_background=cfg.include_background, per_case=not cfg.batch_dice,
+                  ignore_label=ignore_label)
+    if cfg.name == 'dice_ce':
+      loss = dice_ce_loss(logits, target, **kwargs)
+    elif cfg.name == 'dice':
+      loss = soft_dice_loss(logits, target, **kwargs)
+    elif cfg.name == 'tversky':
+      loss = tversky_loss(logits, target, alpha=cfg.tversky_alpha, beta=cfg.tversky_beta,
+                          **kwargs)
+    elif cfg.name == 'generalized_dice':
+      loss = generalized_dice_loss(logits, target, **kwargs)
+    elif cfg.name == 'focal':
+      loss = focal_loss(logits, target, cfg.focal_gamma, ignore_label)
+    else:
+      loss = cross_entropy(logits, target, ignore_label)
+    total = total + weight * loss
+  return total
+
+
+@config_lib.declare
+def _defaults(c) -> None:
+  # Segmentation: loss.name in SEG_LOSSES.
+  loss = config_lib.section(c, 'loss')
+  loss.include_background = False   # Dice
+  loss.batch_dice = True            # Dice pooled over the batch (nnU-Net) or per case
+  loss.tversky_alpha = 0.3          # weight of false positives
+  loss.tversky_beta = 0.7           # weight of false negatives
+  loss.focal_gamma = 2.0

@@ -28,10 +28,13 @@ that case); inf marks a detection failure and is reported, not hidden.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from medjax.metrics import mean_sd
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -87,3 +90,45 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, num_classes: int,
   """:func:`binary_metrics` of every foreground class ``1..num_classes-1`` of label maps."""
   pred, ref = np.asarray(pred), np.asarray(ref)
   return {k: binary_metrics(pred == k, ref == k, spacing) for k in range(1, num_classes)}
+
+
+def class_rows(summary: Dict, class_names: Sequence[str]) -> list:
+  """One row per class of a :func:`summarize_cases` summary, for tables: Dice, IoU,
+  sensitivity, precision, HD95 and ASSD in mm, and the cases where HD95 is undefined."""
+  rows = []
+  for name in class_names:
+    row = {'class': name}
+    for metric, label in (('dice', 'Dice'), ('iou', 'IoU'), ('sensitivity', 'sensitivity'),
+                          ('precision', 'precision'), ('hd95', 'HD95 (mm)'),
+                          ('assd', 'ASSD (mm)'), ('hd95_failures', 'HD95 undefined')):
+      if f'{metric}_{name}' in summary:
+        row[label] = summary[f'{metric}_{name}']
+    rows.append(row)
+  return rows
+
+
+def metric_summary(values) -> Dict[str, float]:
+  """One metric of one class over cases: mean and sample sd of the defined finite values,
+  how many there are, how many are undefined (NaN) and how many are failures (inf)."""
+  values = np.asarray(values, np.float64)
+  mean, sd = mean_sd(values)
+  return {'mean': mean, 'sd': sd, 'n': int(np.isfinite(values).sum()),
+          'undefined': int(np.isnan(values).sum()), 'failures_inf': int(np.isinf(values).sum())}
+
+
+def summarize_cases(per_case: Dict[str, Dict[int, Dict[str, float]]], class_names) -> Dict:
+  """Means over cases (skipping undefined values) per class and overall, plus per-case."""
+  out: Dict = {'num_cases': len(per_case)}
+  classes = sorted({k for metrics in per_case.values() for k in metrics})
+  dice_means = []
+  for k in classes:
+    for metric in METRICS:
+      stats = metric_summary([per_case[c][k][metric] for c in per_case])
+      out[f'{metric}_{class_names[k]}'] = stats['mean']
+      if metric == 'hd95':  # missed or spurious structures: reported, not averaged away
+        out[f'hd95_failures_{class_names[k]}'] = stats['failures_inf']
+      if metric == 'dice':
+        dice_means.append(out[f'dice_{class_names[k]}'])
+  out['dice'] = float(np.nanmean(dice_means)) if dice_means else math.nan
+  out['per_case'] = {c: {class_names[k]: v for k, v in m.items()} for c, m in per_case.items()}
+  return out

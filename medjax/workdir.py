@@ -190,6 +190,26 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                           'run of this workdir or from config_history.jsonl') from None
 
 
+_REQUIRED = object()
+
+
+def read_json(path: str, missing: Any = _REQUIRED) -> Any:
+  """A workdir JSON file's content; ``missing`` when there is no such file (without it, a
+  missing file is an error)."""
+  if missing is not _REQUIRED and not os.path.exists(path):
+    return missing
+  with open(path) as f:
+    return json.load(f)
+
+
+def is_seed_group(path: str) -> bool:
+  """A folder trained with ``train.seeds``: its runs are its ``seed_<K>`` subfolders."""
+  try:
+    return bool(read_json(os.path.join(path, 'config.json')).get('train', {}).get('seeds'))
+  except (OSError, ValueError):
+    return False
+
+
 def seed_member(path: str, seed: int) -> str:
   """``path/seed_<seed>`` when ``path`` is a seed group (``train.seeds``), else ``path``."""
   member = os.path.join(path, f'seed_{seed}')

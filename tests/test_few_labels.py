@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from medjax import config as config_lib, semi, train as train_lib, workdir as workdir_lib
+from medjax import config as config_lib, semi, tasks, train as train_lib, workdir as workdir_lib
 from medjax.data import few_labels, load_data, pipeline
 from medjax.data.sampling import IGNORE_LABEL
 from medjax.experiments import make_experiment
@@ -81,25 +82,33 @@ def test_semi_methods_refuse_configs_they_cannot_use():
   with pytest.raises(ValueError, match="unknown semi.method 'vat'"):
     make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=vat'))
   with pytest.raises(ValueError, match='mixmatch .* binary or multiclass task, not ordinal'):
-    semi.check_method(_config('semi.method=mixmatch').semi, 'ordinal', True)
+    make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=mixmatch', 'task=ordinal'))
   with pytest.raises(ValueError, match=r'semi.sharpen_temperature must be in \(0, 1\]'):
     make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=mixmatch',
                             'semi.sharpen_temperature=0'))
   with pytest.raises(ValueError, match='loss.name must be ce'):
     make_experiment(_config('data.labeled_fraction=0.2', 'semi.method=mixmatch',
                             'loss.name=focal'))
+  # The method's own checks, on stand-ins for a multi-label and a label-map experiment.
+  multilabel = types.SimpleNamespace(config=_config('semi.method=fixmatch'), task='multilabel',
+                                     label_maps=False, single_label=False)
   with pytest.raises(ValueError, match='multi-label data has no single pseudo-label'):
-    semi.check_method(_config('semi.method=fixmatch').semi, 'multilabel', True)
-  seg = _config('semi.method=fixmatch').semi
-  seg.segmentation_strong.cutmix_area = (0.5, 0.1)
+    semi.make_method(multilabel, True)
+  seg = types.SimpleNamespace(config=_config('semi.method=fixmatch'), task='segmentation',
+                              label_maps=True, num_classes=3)
+  strong = seg.config.semi.segmentation_strong
+  strong.cutmix_area = (0.5, 0.1)
   with pytest.raises(ValueError, match=r'cutmix_area needs 0 < low <= high <= 1, got \(0.5'):
-    semi.check_method(seg, 'segmentation', True)
-  seg.segmentation_strong.update(cutmix_area=(0.1, 0.5), contrast=1.0)
+    semi.make_method(seg, True)
+  strong.update(cutmix_area=(0.1, 0.5), contrast=1.0)
   with pytest.raises(ValueError, match='segmentation_strong.contrast .* got 1.0'):
-    semi.check_method(seg, 'segmentation', True)
-  seg.segmentation_strong.contrast, seg.threshold_mode = 0.3, 'self_adaptive'
+    semi.make_method(seg, True)
+  strong.contrast, seg.config.semi.threshold_mode = 0.3, 'self_adaptive'
   with pytest.raises(ValueError, match='fixmatch for segmentation uses semi.threshold'):
-    semi.check_method(seg, 'segmentation', True)
+    semi.make_method(seg, True)
+  with pytest.raises(ValueError, match="unknown semi.method 'mixmatch' for segmentation"):
+    seg.config.semi.method = 'mixmatch'
+    semi.make_method(seg, True)
 
 
 def test_few_labels_recipe_trains_a_3d_medmnist_flag(tmp_path):
@@ -184,7 +193,8 @@ def test_labels_of_unlabelled_images_never_reach_the_loss(method, monkeypatch):
 # ----- FixMatch ------------------------------------------------------------------------------
 def _fixmatch_unlabeled_loss(weak_logits, strong_logits, threshold, per_example_loss,
                              prior=None):
-  probabilities = semi.pseudo_label_probabilities('multiclass', weak_logits, prior)
+  probabilities = semi.pseudo_label_probabilities(
+      lambda logits: tasks.scores_from_logits('multiclass', logits), weak_logits, prior)
   return semi.masked_consistency(probabilities, strong_logits, threshold, per_example_loss)
 
 
@@ -272,7 +282,7 @@ def test_mixmatch_guesses_labels_with_this_steps_model_on_both_views(monkeypatch
   batch are the labelled rows' one-hot labels and, for each unlabelled image, the sharpened
   mean of the model's softmax on its two views, computed here with the model outside the
   step; the rows are the labelled ones, then the two views in order."""
-  monkeypatch.setattr(semi, 'mixup', lambda key, rows, targets, alpha: (rows, targets))
+  monkeypatch.setattr(semi.mixmatch, 'mixup', lambda key, rows, targets, alpha: (rows, targets))
   c = _config('data.labeled_fraction=0.25', 'semi.method=mixmatch',
               'semi.sharpen_temperature=0.5', 'semi.unlabeled_ratio=1')
   exp = ClassificationExperiment(c)
@@ -475,7 +485,8 @@ def teacher(tmp_path_factory):
   return workdir
 
 
-def test_self_training_adds_the_teachers_confident_pseudo_labels(teacher, tmp_path):
+def test_self_training_adds_the_teachers_confident_pseudo_labels(teacher, tmp_path,
+                                                                monkeypatch):
   c = _config('data.labeled_fraction=0.2', 'semi.method=self_training',
               f'semi.teacher={teacher}', 'semi.threshold=0.5', 'semi.class_balance=False')
   student = make_experiment(c)
@@ -492,10 +503,16 @@ def test_self_training_adds_the_teachers_confident_pseudo_labels(teacher, tmp_pa
   # A full run records the pseudo-labels in its data fingerprint (a resume must match).
   workdir = str(tmp_path / 'student')
   c.train.num_epochs = 1
-  train_lib.train_and_evaluate(c, workdir)
+  results = train_lib.train_and_evaluate(c, workdir)
   with open(os.path.join(workdir, 'data_fingerprint.json')) as f:
     fingerprint = json.load(f)
   assert fingerprint['pseudo_labels']['pseudo_labeled'] == len(confident)
+  # Evaluating the student restores its model without its training-only set-up: the teacher
+  # is not loaded again, and the numbers are the run's own.
+  monkeypatch.setattr(ClassificationExperiment, 'load_run',
+                      lambda *args: pytest.fail('evaluate reloaded the teacher'))
+  again = train_lib.evaluate_workdir(workdir, 'test', write=False)
+  assert again['metrics'] == results['test']
   assert fingerprint['few_labels'] == few.fingerprint()
   assert fingerprint['splits']['train']['examples'] == 51 + len(confident)
   # The teacher of seed K of a group is the teacher group's seed_K.
@@ -721,9 +738,10 @@ def test_segmentation_fixmatch_targets_are_this_steps_pseudo_labels(tmp_path):
   unsure = dict(targets, pseudo=jnp.full_like(targets['pseudo'], IGNORE_LABEL))
   labeled_outputs = [o[:num_labeled] for o in outputs] if isinstance(outputs, (list, tuple)) \
       else outputs[:num_labeled]
-  np.testing.assert_allclose(exp.loss(outputs, unsure),
-                             exp._supervised_loss(labeled_outputs, targets['labels']), rtol=1e-6)
-  assert float(exp.loss(outputs, targets)) > float(exp.loss(outputs, unsure))
+  loss = lambda targets: float(exp.loss_with_state(outputs, targets, {})[0])  # noqa: E731
+  np.testing.assert_allclose(loss(unsure),
+                             exp.supervised_loss(labeled_outputs, targets['labels']), rtol=1e-6)
+  assert loss(targets) > loss(unsure)
 
 
 def test_labeled_share_repeats_the_labelled_cases():

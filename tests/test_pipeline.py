@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medjax.config import default_config
-from medjax.data import pipeline
+from medjax.data import augment, pipeline
 
 
 def _data(n=100, size=12, seed=0):
@@ -133,7 +133,7 @@ def test_affine_moves_a_blob_where_the_geometry_says(angle_deg, zoom, shear_deg,
   for point_yx in [(16.0, 22.0), (23.0, 17.0)]:
     p_xy = np.array(point_yx[::-1]) - c
     expected_xy = c + shear_m @ rotate_zoom @ p_xy + np.array(shift[::-1])
-    out = pipeline._affine_2d(tf.constant(_blob(size, point_yx)), tf.constant(angle, tf.float32),
+    out = augment._affine_2d(tf.constant(_blob(size, point_yx)), tf.constant(angle, tf.float32),
                               tf.constant(zoom, tf.float32), tf.constant(shear, tf.float32),
                               tf.constant(shift[0], tf.float32),
                               tf.constant(shift[1], tf.float32)).numpy()
@@ -146,7 +146,7 @@ def test_gaussian_blur_matches_scipy():
   image = np.random.default_rng(0).normal(size=(20, 24, 2)).astype(np.float32)
   for sigma in (0.5, 1.0, 1.7):
     radius = int(np.ceil(3 * sigma))
-    out = pipeline._gaussian_blur_2d(tf.constant(image), tf.constant(sigma, tf.float32),
+    out = augment._gaussian_blur_2d(tf.constant(image), tf.constant(sigma, tf.float32),
                                      radius).numpy()
     # tf.pad's REFLECT is SciPy's 'mirror' (the edge pixel is not repeated).
     expected = ndimage.gaussian_filter(image.astype(np.float64), (sigma, sigma, 0),

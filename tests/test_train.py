@@ -274,6 +274,18 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
     train_lib.train_and_evaluate(_config(**{'optimizer.name': 'sgd'}), str(tmp_path))
 
 
+def test_evaluate_of_a_stopped_run_draws_its_plots(tmp_path, capsys):
+  """A run stopped before results.json (task 'auto' in its config) is evaluated and plotted
+  like a finished one: the predictions name their task."""
+  workdir = str(tmp_path)
+  train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 8}), workdir)
+  capsys.readouterr()
+  train_lib.evaluate_workdir(workdir, 'val')
+  assert 'could not draw' not in capsys.readouterr().out
+  assert {'roc_val.png', 'confusion_val.png', 'reliability_val.png',
+          'learning_curves.png'} <= set(os.listdir(os.path.join(workdir, 'plots')))
+
+
 def test_bad_task_and_loss_are_errors():
   data = load_data(_config())
   with pytest.raises(ValueError, match="task 'multilabel' does not fit"):

@@ -16,7 +16,18 @@ from typing import Dict, Optional, Tuple
 import ml_collections
 import numpy as np
 
+from medjax import config as config_lib
 from medjax.data.dataset import ClassificationData
+
+
+@config_lib.declare
+def _defaults(c) -> None:
+  # Few labels: keep the labels of a seeded, class-stratified subset of the training split
+  # (data.labeled_count examples if > 0, else that fraction); the rest are images only.
+  d = config_lib.section(c, 'data')
+  d.labeled_fraction = 1.0
+  d.labeled_count = 0
+  d.labeled_seed = -1            # -1: the run's seed (each seed of a group its subset)
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

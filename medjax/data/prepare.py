@@ -19,8 +19,10 @@ import os
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import ml_collections
 import numpy as np
 
+from medjax import config as config_lib
 from medjax.data import intensity, layouts, nifti
 from medjax.workdir import left_by_dead_processes
 
@@ -329,3 +331,38 @@ def kfold_split(case_ids: Sequence[str], num_folds: int, fold: int,
   folds = np.array_split(order, num_folds)
   val = sorted(ids[i] for i in folds[fold])
   return {'train': [c for c in ids if c not in set(val)], 'val': val}
+
+
+def parse_target_spacing(text: str):
+  if text in ('', 'keep'):
+    return None
+  if text == 'median':
+    return 'auto'
+  try:
+    values = tuple(float(v) for v in text.split(','))
+  except ValueError:
+    values = ()
+  if len(values) != 3 or min(values) <= 0:
+    raise ValueError(f"data.target_spacing must be 'keep', 'median' or 'x,y,z' in mm, got "
+                     f'{text!r}')
+  return values
+
+
+def options_from_config(cfg: ml_collections.ConfigDict) -> PrepareOptions:
+  """The preparation options of a config's ``data`` section."""
+  return PrepareOptions(target_spacing=parse_target_spacing(cfg.target_spacing),
+                                normalization=cfg.normalization,
+                                ct_window=tuple(cfg.ct_window), crop_nonzero=cfg.crop_nonzero,
+                                label_values=tuple(int(v) for v in cfg.label_values))
+
+
+@config_lib.declare
+def _defaults(c: ml_collections.ConfigDict) -> None:
+  d = config_lib.section(c, 'data')
+  d.target_spacing = 'keep'      # 'keep' | 'median' | 'x,y,z' in mm
+  d.normalization = 'zscore'     # zscore | zscore_nonzero | ct | percentile | none | auto
+  d.ct_window = (-1000.0, 1000.0)
+  d.crop_nonzero = True
+  # Stored label value of each class, e.g. (255, 0) when the structure of interest is stored
+  # as 0 (ISBI membranes), or (0, 1, 2, 4) for BraTS; () = the stored values are the classes.
+  d.label_values = ()

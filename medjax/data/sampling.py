@@ -15,12 +15,27 @@ volume. No border artefacts, and image and mask always move together.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
+import ml_collections
 import numpy as np
 from scipy import ndimage
 
+from medjax import config as config_lib
 from medjax.data.nifti import resample_to_shape
+
+
+@config_lib.declare
+def _defaults(c) -> None:
+  d = config_lib.section(c, 'data')
+  d.patch_size = (40, 56, 40)    # () = from the data (median shape, see auto_patch_size)
+  d.slice_axis = -1              # -1: patches of the data's dimensionality; 0/1/2: 2D slices
+  d.skip_empty_slices = False
+  d.slice_context = 0            # 2.5D: neighbouring slices on each side as channels
+  d.foreground_fraction = 1.0 / 3.0
+  # Segmentation patches' augmentation: the probabilities and ranges of SegAugment.
+  d.seg_augment = ml_collections.ConfigDict(dataclasses.asdict(SegAugment()))
 
 # A label value no loss counts (seg_losses' ignore_label): the voxels of a pseudo-label map
 # that the teacher was unsure of. Above any class index of a uint8 label map.
@@ -309,3 +324,15 @@ class SegmentationSampler:
     ds = ds.map(load, num_parallel_calls=num_workers or tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return numpy_batches(ds)
+
+
+def auto_patch_size(prepared, slice_axis, stride: int, cap_3d: int = 128,
+                    cap_2d: int = 512) -> Tuple[int, ...]:
+  """The median prepared case shape (a slice of it for 2D slices), rounded up to a multiple
+  of the network's total stride (``stride``) and capped per axis (128 voxels in 3D, 512 pixels in 2D)."""
+  shapes = np.array([r['shape'] for r in prepared.records.values()])
+  median = np.median(shapes, axis=0)
+  if slice_axis is not None:
+    median = np.delete(median, slice_axis)
+  cap = cap_3d if len(median) == 3 else cap_2d
+  return tuple(int(min(cap, stride * math.ceil(m / stride))) for m in median)

@@ -19,15 +19,16 @@ with the same loop, checkpoints, resume and workdir files.
 from __future__ import annotations
 
 from medjax import tasks
-from medjax.experiments.base import (TASKS, Experiment, TrainingDiverged, TrainState,
-                                     make_experiment, register_task)
+from medjax.experiments.base import Experiment
+from medjax.experiments.registry import TASKS, make_experiment, register_task, task_class
+from medjax.experiments.state import TrainingDiverged, TrainState
 from medjax.experiments.classification import ClassificationExperiment
 from medjax.experiments.contrastive import ContrastiveExperiment
 from medjax.experiments.segmentation import SegmentationExperiment
 
 __all__ = ['Experiment', 'TrainState', 'TrainingDiverged', 'ClassificationExperiment',
            'SegmentationExperiment', 'ContrastiveExperiment', 'TASKS', 'register_task',
-           'make_experiment']
+           'make_experiment', 'task_class']
 
 for _task in ('auto',) + tasks.TASKS:
   register_task(_task, ClassificationExperiment)

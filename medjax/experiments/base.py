@@ -1,24 +1,18 @@
-"""What every task shares: the train state, the mesh, the model, the optimizer and the one
-jit-compiled, data-parallel train step; and the interface a task implements.
+"""What every task shares: the mesh, the model, the optimizer and the one jit-compiled,
+data-parallel train step; and the interface a task implements.
 
 Parallelism: one mesh axis ``'data'`` over all devices (of all processes). Batches are split
 along it; parameters, batch statistics and optimizer state are replicated. The same code
-runs on 1 CPU, 8 simulated devices, a GPU or a multi-host TPU slice.
+runs on 1 CPU, 8 simulated devices, a GPU or a multi-host TPU slice. Targets (``labels``)
+may be any pytree of arrays with the batch axis first (e.g. ``{'boxes': [B, M, 2d],
+'classes': [B, M], 'valid': [B, M]}``).
 
 A task is a subclass of :class:`Experiment` that, in its constructor, loads its data and
 calls :meth:`Experiment.setup` with its model's output count, input shape and epoch length,
-and implements:
+implements these, and registers itself with :func:`medjax.experiments.register_task`:
 
 ==========================  ===============================================================
-``loss(outputs, labels)``   the scalar training loss of a batch (pure, traced inside the
-                            jit-compiled train step)
-``train_inputs(...)``       optional: model inputs and loss targets derived from a batch
-                            inside the step (e.g. a mean teacher's predictions)
-``init_loss_state()``       optional: statistics the loss carries from step to step (a
-``loss_with_state(...)``    pytree in ``TrainState.loss_state``, checkpointed with it; e.g.
-                            FreeMatch's confidence averages) and the loss that reads and
-                            updates them
-``optimizer()``             optional: wraps the configured optimizer
+``loss(outputs, labels)``   the scalar training loss of a batch (traced in the train step)
 ``train_iterator(start)``   ``(images, labels)`` numpy batches of this process from step
                             ``start`` on, deterministic from the seed
 ``evaluate(state, split)``  ``(metrics dict, predictions)`` of a split
@@ -26,27 +20,27 @@ and implements:
 ``run_files()``             ``{file name: JSON content}`` describing the data
                             (``data_fingerprint.json``, ...); a resumed run must match them
 ``describe()``              one line about the data, printed when training starts
-``eval_splits``             splits scored into ``results.json`` (class attribute)
-``available_splits``        splits ``medjax evaluate`` accepts
-``headline_metrics(m)``     the keys of a split's metrics the CLI and reports show
-``ensemble(workdirs, s)``   optional: metrics and predictions of several runs' mean
-                            prediction on split ``s`` (the seed ensemble of ``train.seeds``)
-``dataset_name``            the name ``results.json`` records
-``scores_task``             optional: the classification task its predictions' scores
-                            follow when it is not ``task`` (plots, reports)
-``class_names``             one name per class (or label)
+``eval_splits``             splits scored into ``results.json`` (class attribute), and
+``available_splits``        the splits ``medjax evaluate`` accepts
+``dataset_name``,           what ``results.json`` records
+``class_names``
 ==========================  ===============================================================
 
-and registers itself with :func:`medjax.experiments.register_task`.
+Optional hooks, each with a default (see its docstring): in the step, ``train_inputs``,
+``init_loss_state`` / ``loss_with_state`` (statistics carried between steps),
+``optimizer``, or a semi-supervised ``method`` (:mod:`medjax.semi`); for the CLI and
+reports, ``headline_metrics``, ``ensemble`` (the seed ensemble), ``score_ensemble``,
+``evaluation_options`` / ``set_evaluation_options`` (test-time mirroring), ``predict_files``,
+``explain_files``, ``input_suffixes``, and the classmethods ``run_figures``,
+``report_tables`` and ``run_labels``, which read a workdir's files alone. Generic code asks
+these and never branches on a task's name.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,70 +48,48 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medjax import checkpoint, optim, workdir as workdir_lib
+from medjax import checkpoint, config as config_lib, optim, workdir as workdir_lib
+from medjax.experiments.registry import make_experiment
+from medjax.experiments.state import (TrainState, global_batch, path_name,
+                                      warm_start_selection)
 from medjax.models import build_model, summary as model_summary_lib
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training; a pytree of arrays (checkpointed whole)."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  dropout_key: jax.Array
-  # Statistics the loss carries between steps (Experiment.init_loss_state); {} for most.
-  loss_state: Any = flax.struct.field(default_factory=dict)
-
-
-def path_name(path) -> str:
-  """A pytree key path as ``'params/Dense_1/kernel'``."""
-  return '/'.join(str(getattr(k, 'key', k)) for k in path)
-
-
-def named_leaves(tree: Any) -> Dict[str, Any]:
-  """``{path name: leaf}`` of a pytree (:func:`path_name`)."""
-  return {path_name(path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def tree_difference(ours: Any, theirs: Any) -> Optional[str]:
-  """The first variable (by path) that one tree lacks or that has another shape, in words;
-  None when both trees have the same paths and shapes."""
-  shapes = lambda tree: {k: tuple(v.shape) for k, v in named_leaves(tree).items()}  # noqa: E731
-  ours, theirs = shapes(ours), shapes(theirs)
-  for path in sorted(set(ours) | set(theirs)):
-    if path not in theirs:
-      return f"'{path}' {ours[path]} is not there"
-    if path not in ours:
-      return f"'{path}' {theirs[path]} is not in this model"
-    if ours[path] != theirs[path]:
-      return f"'{path}' is {theirs[path]} there, {ours[path]} here"
-  return None
-
-
-# config.task -> the experiment class (or any callable config -> Experiment); filled by
-# medjax.experiments (the built-in tasks) and register_task.
-TASKS: Dict[str, Callable[[ml_collections.ConfigDict], 'Experiment']] = {}
-
-
-def register_task(name: str, experiment: Callable[[ml_collections.ConfigDict], 'Experiment']
-                  ) -> None:
-  """Makes ``config.task = name`` build ``experiment(config)``."""
-  if name in TASKS and TASKS[name] is not experiment:
-    raise ValueError(f"task '{name}' is already registered ({TASKS[name].__name__})")
-  TASKS[name] = experiment
-
-
-def make_experiment(config: ml_collections.ConfigDict) -> 'Experiment':
-  """The experiment for ``config.task`` (config already resolved)."""
-  if config.task not in TASKS:
-    raise ValueError(f"unknown task '{config.task}'; expected one of {', '.join(TASKS)}")
-  return TASKS[config.task](config)
-
-
-class TrainingDiverged(FloatingPointError):
-  """The loss became NaN or infinite."""
+@config_lib.declare
+def _defaults(c: ml_collections.ConfigDict) -> None:
+  c.seed = 0
+  # A registered task (medjax/experiments/__init__.py): 'auto' takes the classification task
+  # from the dataset; or 'binary', 'multiclass', 'ordinal', 'multilabel', 'segmentation',
+  # 'contrastive', ...
+  c.task = 'auto'
+  config_lib.section(c, 'model').name = 'simple_cnn'
+  # Each task declares its own loss names and keys beside its code.
+  config_lib.section(c, 'loss').name = 'ce'
+  t = config_lib.section(c, 'train')
+  t.num_epochs = 10
+  t.batch_size = 128            # global batch, split over all devices
+  t.eval_batch_size = 256
+  t.log_every_steps = 20
+  t.eval_every_epochs = 1
+  # Steps per epoch; 0 = one pass over the training data (segmentation samples patches, so
+  # an epoch is a number of steps, 250 in nnU-Net).
+  t.steps_per_epoch = 0
+  t.keep_checkpoints = 2        # latest N kept, plus the best by selection_metric
+  t.selection_metric = 'auc'    # validation metric that picks the final checkpoint
+  t.selection_mode = 'max'      # 'max' | 'min' | 'last' (last checkpoint, no selection)
+  t.progress_bar = True
+  # Several seeds trained together in one compiled program, one workdir each under
+  # DIR/seed_<K>; () = one run with `seed` (medjax.seeds).
+  t.seeds = ()
+  t.seeds_program = 'auto'      # 'vmap' | 'unroll' over the seed axis; auto: unroll on CPU
+  # Stop after this many steps in this invocation (0 = no limit). For tests of resume.
+  t.stop_after_steps = 0
+  # Fine-tuning: a workdir (or a seed group: its seed_<K> for seed K) whose selected model
+  # (its parameter average if it kept one) starts this run; optimizer and step start fresh.
+  t.init_from = ''
+  # Regexes of variable paths ('params/Dense_1/kernel') that init_from leaves at their fresh
+  # values: a new head, e.g. ('Dense_1',) after contrastive pretraining.
+  t.init_from_skip = ()
 
 
 class Experiment:
@@ -129,8 +101,11 @@ class Experiment:
   dataset_name: str = ''
   class_names: Sequence[str] = ()
   scores_task: str = ''
+  # The semi-supervised method (medjax.semi) of a task that trains with unlabelled data;
+  # None: the task's own loss and batches.
+  method: Any = None
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, training: bool = True):
     self.config = config
 
   def setup(self, num_outputs: int, input_shape: Sequence[int], steps_per_epoch: int) -> None:
@@ -160,7 +135,7 @@ class Experiment:
     self.mesh = Mesh(devices, ('data',))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
-    self._train_step = jax.jit(self._train_step_impl,
+    self._train_step = jax.jit(self.step_fn,
                                in_shardings=(self.replicated, self.batch_sharding,
                                              self.batch_sharding),
                                out_shardings=(self.replicated, self.replicated),
@@ -192,23 +167,28 @@ class Experiment:
     tx = optim.make_optimizer(self.config.optimizer, self.schedule)
     if self.config.optimizer.ema_decay:
       tx = optim.with_parameter_ema(tx, self.config.optimizer.ema_decay)
-    return tx
+    return tx if self.method is None else self.method.optimizer(tx)
 
   def init_loss_state(self) -> Any:
     """The initial statistics a stateful loss carries from step to step (a pytree of
-    arrays; default ``{}``: the loss is a function of the batch alone)."""
-    return {}
+    arrays; default ``{}``, or the semi-supervised method's)."""
+    return {} if self.method is None else self.method.init_loss_state()
 
   def loss_with_state(self, outputs, labels, loss_state) -> Tuple[jax.Array, Any]:
     """(scalar loss, updated ``loss_state``) of a batch; a task whose loss keeps running
     statistics overrides this (and :meth:`init_loss_state`). The updated statistics are
-    not differentiated. Default: :meth:`loss`, the state passed through."""
+    not differentiated. Default: the semi-supervised method's loss, else :meth:`loss` with
+    the state passed through."""
+    if self.method is not None:
+      return self.method.loss(outputs, labels, loss_state)
     return self.loss(outputs, labels), loss_state
 
   def train_inputs(self, state: TrainState, images, labels, key: jax.Array):
     """What the model trains on and what ``loss`` compares it with, from a batch, inside
     the compiled step and outside the gradient (a task may derive targets from the state,
-    e.g. a teacher's predictions). Default: the batch as it is."""
+    e.g. a teacher's predictions). Default: the semi-supervised method's, else the batch."""
+    if self.method is not None:
+      return self.method.train_inputs(state, images, labels, key)
     return images, labels
 
   def headline_metrics(self, metrics: Dict[str, Any]) -> list:
@@ -216,8 +196,65 @@ class Experiment:
     show (default: every scalar, sorted)."""
     return sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
 
+  # ----- what generic code asks of a task (CLI, reports, plots, evaluation) --------------
+  def ensemble(self, workdirs: Sequence[str], split: str) -> Optional[Tuple[Dict, Any]]:
+    """Metrics and predictions of several runs' mean prediction on ``split`` (the seed
+    ensemble of ``train.seeds``), or None when the task does not average runs."""
+    return None
+
+  def score_ensemble(self, members: Sequence[Tuple['Experiment', 'TrainState']], split: str
+                     ) -> Tuple[Dict, Any]:
+    """``medjax evaluate --workdir A --workdir B``: metrics and predictions of several
+    trained models' mean prediction on ``split`` of this run's data."""
+    raise ValueError(f'an ensemble of {self.task} workdirs is not scored here (train.seeds '
+                     'writes a seed ensemble)')
+
+  def evaluation_options(self) -> Dict[str, Any]:
+    """The run's own evaluation settings (e.g. test-time mirroring); an evaluation with
+    others is written beside the run's own, never over it."""
+    return {}
+
+  def set_evaluation_options(self, mirror_axes: Optional[Sequence[int]] = None) -> None:
+    """Evaluation settings for this evaluation only (``medjax evaluate --mirror_axes``)."""
+    if mirror_axes is not None:
+      raise ValueError(f'mirror_axes: {self.task} models have no test-time mirroring')
+
+  def predict_files(self, members: Sequence[Tuple['Experiment', 'TrainState']],
+                    input_path: str, output_dir: str) -> list:
+    """``medjax predict``: the mean prediction of ``members`` (this run first) for each file
+    of ``input_path`` written to ``output_dir``; returns the paths written."""
+    raise ValueError(f'{self.task} models do not predict files (medjax predict writes '
+                     'segmentations)')
+
+  def explain_files(self, state: 'TrainState', files: Sequence[str], output_dir: str,
+                    **options) -> list:
+    """``medjax explain``: attribution maps of the model for each file; one record each."""
+    raise ValueError(f'{self.task} models have no explanations')
+
+  def input_suffixes(self) -> Tuple[str, ...]:
+    """The file suffixes ``predict`` and ``explain`` read from a folder."""
+    return ()
+
+  @classmethod
+  def run_figures(cls, workdir: str, config: Dict, results: Dict, out_dir: str,
+                  splits: Sequence[str]) -> Dict[str, str]:
+    """The task's figures of a workdir from its files alone (``{name: png path}``), beside
+    the learning curves every run gets."""
+    return {}
+
+  @classmethod
+  def report_tables(cls, results: Dict) -> Optional[list]:
+    """The task's result tables for ``medjax report`` as ``[(caption, value, rows)]``; None:
+    the headline metrics of each split."""
+    return None
+
+  @classmethod
+  def run_labels(cls, config: Dict) -> Dict[str, Any]:
+    """What tells runs of one study apart besides the seed (e.g. ``{'fold': 0}``)."""
+    return {}
+
   # ----- state -------------------------------------------------------------------------
-  def _init_impl(self, key: jax.Array) -> TrainState:
+  def init_fn(self, key: jax.Array) -> TrainState:
     init_key, dropout_key = jax.random.split(key)
     dummy = jnp.zeros((1,) + self.input_shape, jnp.float32)
     variables = self.model.init({'params': init_key}, dummy, train=False)
@@ -231,13 +268,13 @@ class Experiment:
     """Fresh state, created directly on the replicated sharding (no host copy to alias);
     with ``train.init_from``, its model variables are the source run's."""
     key = jax.random.PRNGKey(self.config.seed)
-    state = jax.jit(self._init_impl, out_shardings=self.replicated)(key)
+    state = jax.jit(self.init_fn, out_shardings=self.replicated)(key)
     start = self.warm_start_variables()
     if start is None:
       return state
-    return jax.jit(self._warm_start_impl, out_shardings=self.replicated)(state, start)
+    return jax.jit(self.warm_start_fn, out_shardings=self.replicated)(state, start)
 
-  def _warm_start_impl(self, state: TrainState, start: Dict[str, Any]) -> TrainState:
+  def warm_start_fn(self, state: TrainState, start: Dict[str, Any]) -> TrainState:
     """``state`` with the model variables named in ``start`` (``{path name: array}``, see
     :func:`named_leaves`; the others keep their fresh values) and a fresh optimizer state."""
     def pick(path, ours):
@@ -258,31 +295,21 @@ class Experiment:
       return None
     other, state, step, workdir = self.load_run(self.config.train.init_from, 'train.init_from')
     variables = other.variables(state)
-    skip = [re.compile(p) for p in self.config.train.init_from_skip]
-    kept = lambda tree: {k: v for k, v in named_leaves(tree).items()  # noqa: E731
-                         if not any(p.search(k) for p in skip)}
-    theirs = kept({'params': variables['params'],
-                   'batch_stats': variables.get('batch_stats', {})})
-    shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
-    names = named_leaves({'params': shapes.params, 'batch_stats': shapes.batch_stats})
-    for pattern in skip:
-      if not any(pattern.search(name) for name in names):
-        raise ValueError(f"train.init_from_skip '{pattern.pattern}' matches no variable of "
-                         f"this model (names look like '{next(iter(names))}')")
-    ours = kept({'params': shapes.params, 'batch_stats': shapes.batch_stats})
-    difference = tree_difference(ours, theirs)
-    if difference:
-      raise ValueError(f'train.init_from {workdir}: its model does not fit this one: '
-                       f'{difference} (train.init_from_skip=<regex> starts the variables '
-                       'it matches fresh, e.g. a new head)')
-    skipped = len(names) - len(ours)
+    shapes = jax.eval_shape(self.init_fn, jax.random.PRNGKey(0))
+    try:
+      theirs, skipped = warm_start_selection(
+          {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})},
+          {'params': shapes.params, 'batch_stats': shapes.batch_stats},
+          self.config.train.init_from_skip)
+    except ValueError as e:
+      raise ValueError(f'train.init_from {workdir}: {e}') from None
     print(f'Starting from the model of {os.path.abspath(workdir)} (step {step})'
           + (f'; {skipped} variables start fresh (train.init_from_skip)' if skipped else ''))
     return jax.device_get(theirs)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state (what a checkpoint is restored into)."""
-    shapes = jax.eval_shape(self._init_impl, jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(self.init_fn, jax.random.PRNGKey(0))
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
 
@@ -324,6 +351,12 @@ class Experiment:
       variables['batch_stats'] = batch_stats
     return variables
 
+  def softmax_outputs(self, variables: Dict[str, Any], images: jax.Array) -> jax.Array:
+    """Class probabilities (float32 softmax over the last axis) of the model in evaluation
+    mode: one output even with deep supervision."""
+    logits = self.model.apply(variables, images, train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
   def model_summary(self, state: TrainState) -> Dict[str, Any]:
     """Parameters, FLOPs per example and the layer table (:mod:`medjax.models.summary`)."""
     summary = model_summary_lib.model_summary(self.model, self.variables(state),
@@ -332,7 +365,7 @@ class Experiment:
     return summary
 
   # ----- the train step ----------------------------------------------------------------
-  def _train_step_impl(self, state: TrainState, images, labels):
+  def step_fn(self, state: TrainState, images, labels):
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
     images, labels = self.train_inputs(state, images, labels,
                                        jax.random.fold_in(dropout_key, 1))
@@ -355,10 +388,12 @@ class Experiment:
                               opt_state=opt_state, loss_state=loss_state)
     return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
-  def global_array(self, local: np.ndarray) -> jax.Array:
-    """This process's rows of a batch -> the global batch array, split over ``'data'``."""
-    return jax.make_array_from_process_local_data(self.batch_sharding, local)
+  def global_array(self, local: Any) -> Any:
+    """This process's rows of a batch (an array, or any pytree of arrays with the batch
+    axis first, e.g. a dict of targets) -> global arrays split over ``'data'``."""
+    return global_batch(self.batch_sharding, local)
 
-  def train_step(self, state: TrainState, images: np.ndarray, labels: np.ndarray):
-    """One optimizer step on a batch (this process's rows); returns (state, metrics)."""
+  def train_step(self, state: TrainState, images: np.ndarray, labels: Any):
+    """One optimizer step on a batch (this process's rows; ``labels`` any pytree of arrays
+    ``[B, ...]``); returns (state, metrics)."""
     return self._train_step(state, self.global_array(images), self.global_array(labels))

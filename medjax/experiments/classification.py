@@ -17,13 +17,22 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import losses, metrics as metrics_lib, semi, tasks, workdir as workdir_lib
-from medjax.data import ClassificationData, few_labels, load_data, pipeline
+from medjax import config as config_lib, explain, files as files_lib, losses, metrics as metrics_lib
+from medjax import plots, semi, tasks, workdir as workdir_lib
+from medjax.data import ClassificationData, augment, few_labels, layouts, load_data, pipeline
 from medjax.experiments.base import Experiment, TrainState
+
+
+@config_lib.declare
+def _defaults(c: ml_collections.ConfigDict) -> None:
+  # loss.name: 'ce' | 'focal' (multi-label always uses sigmoid BCE).
+  loss = config_lib.section(c, 'loss')
+  loss.class_weights = 'none'       # 'none' | 'balanced' | comma-separated floats
+  loss.focal_gamma = 2.0
+  loss.label_smoothing = 0.0
 
 # What the CLI table, results.json's headline_metrics and the reports show, in this order.
 HEADLINE_METRICS = ('auc', 'accuracy', 'balanced_accuracy', 'sensitivity', 'specificity', 'f1',
@@ -45,13 +54,14 @@ def resolve_task(task: str, data: ClassificationData) -> str:
 
 
 def save_predictions(workdir: str, split: str, predictions: Dict[str, np.ndarray],
-                     class_names) -> None:
-  """``predictions_<split>.npz``: index, labels, scores ``[N, K]`` and the class names."""
+                     class_names, task: str) -> None:
+  """``predictions_<split>.npz``: index, labels, scores ``[N, K]``, the class names and the
+  classification task the scores follow."""
   if not workdir_lib.is_main():
     return
   np.savez(os.path.join(workdir, f'predictions_{split}.npz'), index=predictions['index'],
            labels=predictions['labels'], scores=predictions['scores'],
-           class_names=np.array(class_names))
+           class_names=np.array(class_names), task=np.array(task))
 
 
 def ensemble_predictions(workdirs: Sequence[str], split: str, task: str
@@ -95,7 +105,7 @@ class ClassificationExperiment(Experiment):
   """A classification config bound to its data, model and compiled steps."""
 
   def __init__(self, config: ml_collections.ConfigDict,
-               data: Optional[ClassificationData] = None):
+               data: Optional[ClassificationData] = None, training: bool = True):
     super().__init__(config)
     self.data = data if data is not None else load_data(config)
     self.task = resolve_task(config.task, self.data)
@@ -113,13 +123,7 @@ class ClassificationExperiment(Experiment):
     self.unlabeled = None if self.few is None else self.few.unlabeled
     if self.few is not None:
       self.data = self.few.data
-    self.semi_method = semi.check_method(config.semi, self.task, self.unlabeled is not None)
-    if self.semi_method == 'mixmatch' and (
-        config.loss.name != 'ce' or config.loss.class_weights != 'none' or
-        config.loss.label_smoothing):
-      raise ValueError('semi.method=mixmatch trains on mixed soft targets with its own '
-                       'cross-entropy: loss.name must be ce, loss.class_weights none and '
-                       'loss.label_smoothing 0')
+    self.method = semi.make_method(self, self.unlabeled is not None)
     self.epoch_steps = None if self.few is None else pipeline.steps_per_epoch(
         epoch_examples, config.train.batch_size)
     self.setup(num_outputs=tasks.num_outputs(self.task, self.data.num_classes),
@@ -130,28 +134,63 @@ class ClassificationExperiment(Experiment):
                               in_shardings=(self.replicated, self.batch_sharding,
                                             self.batch_sharding),
                               out_shardings=(self.replicated, self.replicated))
-    self.pseudo_info = None
-    if self.semi_method == 'self_training':
-      self._add_pseudo_labels()
+    if training or self.method.needed_for_inference():
+      self.method.prepare()
     self.class_weights = losses.parse_class_weights(
         config.loss.class_weights, self.data.splits['train'][1], self.data.num_classes,
         self.task)
 
-  def _add_pseudo_labels(self) -> None:
-    """Self-training: the teacher's confident pseudo-labels join the labelled examples."""
-    images, labels = self.data.splits['train']
-    index, pseudo, self.pseudo_info = semi.pseudo_labels(self.config.semi, self, self.unlabeled,
-                                                         labels)
+  # ----- what a semi-supervised method uses (medjax/semi/base.py) ----------------------
+  label_maps = False  # one target per image
+
+  @property
+  def single_label(self) -> bool:
+    return self.task != 'multilabel'
+
+  @property
+  def softmax_classes(self) -> bool:
+    return self.task in ('binary', 'multiclass')
+
+  def add_training_examples(self, images: np.ndarray, labels: np.ndarray) -> None:
+    """More labelled training examples (self-training's pseudo-labelled images)."""
+    train_images, train_labels = self.data.splits['train']
     splits = dict(self.data.splits)
-    splits['train'] = (np.concatenate([images, self.unlabeled[index]]),
-                       np.concatenate([labels, pseudo]))
+    splits['train'] = (np.concatenate([train_images, images]),
+                       np.concatenate([train_labels, labels]))
     self.data = dataclasses.replace(self.data, splits=splits)
-    print(f"Self-training: {len(index)} of {len(self.unlabeled)} unlabelled images "
-          f"pseudo-labelled by {self.pseudo_info['teacher']} (per class "
-          f"{self.pseudo_info['class_counts']})")
-    warning = semi.pseudo_label_warning(self.pseudo_info)
-    if warning:
-      print(f'warning: self-training: {warning}')
+
+  def teacher_difference(self, teacher: Experiment) -> str:
+    """Why another run cannot teach this one ('' when it can)."""
+    if (teacher.task, teacher.num_outputs, teacher.input_shape) == (
+        self.task, self.num_outputs, self.input_shape):
+      return ''
+    return (f'a {teacher.task} model of {teacher.num_outputs} outputs on '
+            f'{teacher.input_shape} images; this run is {self.task}, {self.num_outputs} '
+            f'outputs, {self.input_shape}')
+
+  def unlabeled_views(self, start_step: int, second: ml_collections.ConfigDict,
+                      second_key: str):
+    """Each step's ``(weak, second)`` views of ``semi.unlabeled_ratio`` x batch unlabelled
+    images (this process's rows): ``data.augment`` and ``second`` (independent draws)."""
+    cfg = self.config.data
+    return pipeline.unlabeled_batches(
+        self.unlabeled, global_batch=self.global_batch * self.config.semi.unlabeled_ratio,
+        seed=self.config.seed, start_step=start_step, num_steps=self.total_steps,
+        pixel_max=self.data.pixel_max, mean=cfg.mean, std=cfg.std, weak=cfg.augment,
+        strong=second, process_index=jax.process_index(),
+        process_count=jax.process_count(), strong_key=second_key)
+
+  def probabilities(self, logits):
+    return tasks.scores_from_logits(self.task, logits)
+
+  def class_prior(self) -> Optional[np.ndarray]:
+    """The labelled class frequencies ``[K]`` that ``semi.distribution_alignment`` aligns
+    the unlabelled predictions to (None when it is off)."""
+    if not self.config.semi.distribution_alignment:
+      return None
+    counts = np.bincount(np.asarray(self.data.splits['train'][1]).reshape(-1),
+                         minlength=self.data.num_classes).astype(np.float32)
+    return counts / counts.sum()
 
   @property
   def available_splits(self):
@@ -162,7 +201,7 @@ class ClassificationExperiment(Experiment):
     if self.unlabeled is not None:
       text += (f'; labelled {len(self.few.labeled_index)} of '
                f'{len(self.few.labeled_index) + len(self.unlabeled)} training images '
-               f'(semi.method={self.semi_method})')
+               f'(semi.method={self.method.name})')
     return text
 
   def headline_metrics(self, metrics: Dict[str, Any]) -> list:
@@ -173,21 +212,20 @@ class ClassificationExperiment(Experiment):
     fingerprint = self.data.fingerprint()
     if self.few is not None:
       fingerprint['few_labels'] = self.few.fingerprint()
-    if self.pseudo_info is not None:
-      fingerprint['pseudo_labels'] = self.pseudo_info
+    fingerprint.update(self.method.fingerprint())
     return {'data_fingerprint.json': fingerprint}
 
   def save_predictions(self, workdir: str, split: str, predictions) -> None:
-    save_predictions(workdir, split, predictions, self.data.class_names)
+    save_predictions(workdir, split, predictions, self.data.class_names, self.task)
 
   def preprocess(self, images: np.ndarray) -> np.ndarray:
     """Raw images ``[B, *spatial, C]`` (0..pixel_max) -> what the model sees."""
-    cfg = self.config.data
-    return ((np.asarray(images, np.float32) / self.data.pixel_max - cfg.mean)
-            / cfg.std).astype(np.float32)
+    return augment.normalise(images, self.data.pixel_max, self.config.data.mean,
+                             self.config.data.std)
 
   # ----- loss and steps ----------------------------------------------------------------
-  def _per_example_loss(self, logits, labels):
+  def per_example_loss(self, logits, labels):
+    """(per-example loss ``[B]``, weights ``[B]``) of logits against labels."""
     return losses.classification_loss(
         self.task, logits, labels, name=self.config.loss.name,
         class_weights=self.class_weights, focal_gamma=self.config.loss.focal_gamma,
@@ -195,72 +233,12 @@ class ClassificationExperiment(Experiment):
 
   def loss(self, outputs, labels):
     """The supervised loss of a labelled batch (``loss.name``, class weights)."""
-    per_example, weights = self._per_example_loss(outputs, labels)
+    per_example, weights = self.per_example_loss(outputs, labels)
     return losses.weighted_mean(per_example, weights)
-
-  def init_loss_state(self):
-    if self.semi_method == 'fixmatch' and self.config.semi.threshold_mode == 'self_adaptive':
-      return semi.adaptive_threshold_state(self.num_outputs)
-    return {}
-
-  def _class_prior(self) -> Optional[np.ndarray]:
-    """The labelled class frequencies ``[K]`` that ``semi.distribution_alignment`` aligns
-    the unlabelled predictions to (None when it is off)."""
-    if not self.config.semi.distribution_alignment:
-      return None
-    counts = np.bincount(np.asarray(self.data.splits['train'][1]).reshape(-1),
-                         minlength=self.data.num_classes).astype(np.float32)
-    return counts / counts.sum()
-
-  def train_inputs(self, state: TrainState, images, labels, key):
-    """MixMatch: the batch ``[labelled; view 1; view 2]`` -> the mixed rows ``[labelled;
-    unlabelled (both views)]`` and their soft targets (the unlabelled ones guessed by this
-    step's model on both views, :func:`semi.guess_labels`); other methods: the batch."""
-    if self.semi_method != 'mixmatch':
-      return images, labels
-    cfg, processes = self.config.semi, jax.process_count()
-    labeled, view1, view2 = semi.split_rows(images, labels.shape[0], 3, processes)
-    variables = self.apply_variables(state.params, state.batch_stats)
-    probabilities = [jax.nn.softmax(self.model.apply(variables, v, train=False), axis=-1)
-                     for v in (view1, view2)]
-    guess = semi.guess_labels(probabilities, cfg.sharpen_temperature, self._class_prior())
-    one_hot = jax.nn.one_hot(labels, self.num_outputs, dtype=jnp.float32)
-    # Rows in the per-process layout [labelled; view 1; view 2], mixed across the whole
-    # batch; the loss splits them as [labelled; unlabelled].
-    rows = semi.join_rows([labeled, view1, view2], processes)
-    targets = semi.join_rows([one_hot, guess, guess], processes)
-    mixed, mixed_targets = semi.mixup(key, rows, targets, cfg.mixup_alpha)
-    return mixed, {'targets': mixed_targets, 'num_labeled': labels.shape[0],
-                   'weight': cfg.weight * semi.ramp_up(state.step, self.total_steps,
-                                                       cfg.ramp_up_fraction)}
-
-  def loss_with_state(self, outputs, labels, loss_state):
-    """FixMatch: ``CE(labelled) + semi.weight * consistency(weak -> strong)``, the threshold
-    fixed or self-adaptive (updated in ``loss_state``); MixMatch: :func:`semi.mixmatch_loss`
-    of the mixed rows; otherwise :meth:`loss`."""
-    if self.semi_method == 'mixmatch':
-      processes = jax.process_count()
-      logits = semi.split_rows(outputs, labels['num_labeled'], 2, processes)
-      targets = semi.split_rows(labels['targets'], labels['num_labeled'], 2, processes)
-      return semi.mixmatch_loss(logits[0], targets[0], logits[1], targets[1],
-                                labels['weight']), loss_state
-    if self.semi_method != 'fixmatch':
-      return self.loss(outputs, labels), loss_state
-    cfg = self.config.semi
-    labeled, weak, strong = semi.split_outputs(outputs, labels.shape[0], jax.process_count())
-    probabilities = semi.pseudo_label_probabilities(self.task, weak, self._class_prior())
-    threshold = cfg.threshold
-    if cfg.threshold_mode == 'self_adaptive':
-      loss_state, threshold = semi.adaptive_thresholds(loss_state, probabilities,
-                                                       cfg.threshold_momentum)
-    unlabeled_loss, _ = semi.masked_consistency(
-        probabilities, strong, threshold,
-        lambda logits, pseudo: self._per_example_loss(logits, pseudo)[0])
-    return self.loss(labeled, labels) + cfg.weight * unlabeled_loss, loss_state
 
   def _eval_step_impl(self, state: TrainState, images, labels):
     logits = self.model.apply(self.variables(state), images, train=False)
-    per_example, weights = self._per_example_loss(logits, labels)
+    per_example, weights = self.per_example_loss(logits, labels)
     return tasks.scores_from_logits(self.task, logits), per_example * weights
 
   # ----- data --------------------------------------------------------------------------
@@ -273,20 +251,7 @@ class ClassificationExperiment(Experiment):
         mean=cfg.mean, std=cfg.std, augment=cfg.augment,
         process_index=jax.process_index(), process_count=jax.process_count(),
         class_balanced=cfg.class_balanced, epoch_steps=self.epoch_steps)
-    if self.semi_method not in ('fixmatch', 'mixmatch'):
-      return batches
-    # FixMatch: a weak and a strong view; MixMatch: two weak ones (independent draws).
-    strong, strong_key = ((self.config.semi.strong_augment, 'semi.strong_augment')
-                          if self.semi_method == 'fixmatch' else (cfg.augment, 'data.augment'))
-    views = pipeline.unlabeled_batches(
-        self.unlabeled, global_batch=self.global_batch * self.config.semi.unlabeled_ratio,
-        seed=self.config.seed, start_step=start_step, num_steps=self.total_steps,
-        pixel_max=self.data.pixel_max, mean=cfg.mean, std=cfg.std, weak=cfg.augment,
-        strong=strong, process_index=jax.process_index(),
-        process_count=jax.process_count(), strong_key=strong_key)
-    # This process's rows: [labelled; first views; second views] (see semi.split_rows).
-    return ((np.concatenate([x, weak, strong]), y)
-            for (x, y), (weak, strong) in zip(batches, views))
+    return self.method.batches(batches, start_step)
 
   def predict_images(self, state: TrainState, images: np.ndarray) -> np.ndarray:
     """Class scores ``[N, K]`` of raw images ``[N, *spatial, C]`` (e.g. unlabelled ones)."""
@@ -309,6 +274,38 @@ class ClassificationExperiment(Experiment):
                                                 predictions['scores'])
     result['loss'] = float(np.mean(predictions['loss']))
     return result, predictions
+
+  # ----- files, figures ---------------------------------------------------------------
+  def input_suffixes(self):
+    return layouts.NIFTI_SUFFIXES + layouts.IMAGE_SUFFIXES + ('.npy',)
+
+  def explain_files(self, state: TrainState, files, output_dir: str, layer: str,
+                    target_class=None, methods=explain.METHODS, ig_steps: int = 32) -> list:
+    return files_lib.explain_classifier_files(
+        self, self.variables(state), files, output_dir, layer,
+        files_lib.class_index(target_class, self.class_names), methods, ig_steps)
+
+  @classmethod
+  def run_figures(cls, workdir: str, config: Dict, results: Dict, out_dir: str,
+                  splits) -> Dict[str, str]:
+    """Per split: ROC curves, confusion matrix and reliability diagram, from
+    ``predictions_<split>.npz``."""
+    # The scores follow the dataset's task ('auto' resolved), or the kNN scores' task.
+    task = results.get('scores_task') or results.get('task') or config['task']
+    written = {}
+    for split in splits:
+      path = os.path.join(workdir, f'predictions_{split}.npz')
+      if not os.path.exists(path):
+        continue
+      with np.load(path) as f:
+        labels, scores = f['labels'], f['scores']
+        names = [str(n) for n in f['class_names']]
+        task = str(f['task']) if 'task' in f else task
+      if task == 'auto':  # files written before they named their task
+        task = 'multilabel' if labels.ndim == 2 and labels.shape[1] > 1 else (
+            'binary' if scores.shape[1] == 2 else 'multiclass')
+      written.update(plots.classifier_figures(labels, scores, names, task, split, out_dir))
+    return written
 
   def ensemble(self, workdirs, split: str) -> tuple[Dict[str, Any], Dict]:
     """Metrics and predictions of the mean of several runs' probabilities on ``split``

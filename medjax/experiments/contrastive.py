@@ -27,10 +27,23 @@ import jax
 import ml_collections
 import numpy as np
 
-from medjax import losses, metrics as metrics_lib, semi
-from medjax.data import few_labels, load_data, pipeline
+from medjax import config as config_lib, losses, metrics as metrics_lib, semi
+from medjax.data import augment, few_labels, load_data, pipeline
 from medjax.experiments.base import Experiment, TrainState
-from medjax.experiments.classification import (HEADLINE_METRICS, ensemble_predictions,
+
+
+@config_lib.declare
+def _defaults(c: ml_collections.ConfigDict) -> None:
+  # task='contrastive': views under contrastive.augment, selection by kNN AUC on val.
+  s = config_lib.section(c, 'contrastive')
+  s.temperature = 0.2
+  s.projection_dim = 64    # the model's outputs (its head is the projection)
+  s.knn_k = 10             # labelled neighbours voting in the evaluation
+  s.augment = augment.augment_section(
+      flip_lr=True, rotation_deg=20.0, scale_min=0.8, scale_max=1.2, brightness=0.3,
+      contrast=0.3, cutout=0.25, translate=0.1, blur_sigma=1.0, noise_std=0.1, op_prob=0.8)
+from medjax.experiments.classification import (HEADLINE_METRICS, ClassificationExperiment,
+                                               ensemble_predictions,
                                                outputs_in_batches, save_predictions)
 
 
@@ -55,7 +68,7 @@ class ContrastiveExperiment(Experiment):
   eval_splits = ('val', 'test')
   available_splits = ('val', 'test')
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, training: bool = True):
     super().__init__(config)
     data = load_data(config)
     if data.task == 'multilabel':
@@ -96,7 +109,9 @@ class ContrastiveExperiment(Experiment):
     return [k for k in HEADLINE_METRICS if k in metrics]
 
   def save_predictions(self, workdir: str, split: str, predictions) -> None:
-    save_predictions(workdir, split, predictions, self.class_names)
+    save_predictions(workdir, split, predictions, self.class_names, self.scores_task)
+
+  run_figures = ClassificationExperiment.run_figures  # its kNN scores are class scores
 
   def ensemble(self, workdirs, split: str):
     return ensemble_predictions(workdirs, split, self.scores_task)

@@ -16,6 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medjax.models.conv import ConvTranspose, make_conv
 from medjax.models.layers import kernel_init, spatial_dims
@@ -141,3 +142,8 @@ class UNet(nn.Module):
     if self.deep_supervision and train:
       return [logits] + [o.astype(jnp.float32) for o in reversed(outputs)]
     return logits
+
+
+def total_stride(model_cfg) -> int:
+  """How much the U-Net of ``config.model`` downsamples: input sizes must be multiples of it."""
+  return int(np.prod(model_cfg.get('strides', (1, 2, 2, 2, 2))))

@@ -1,0 +1,168 @@
+"""One run's bookkeeping in the training loop: its workdir, checkpoints and log
+(:class:`Member`), when to log, evaluate and stop (:class:`Cadence`), the checks that stop a
+diverged run, SIGTERM, and the start of training (fresh, or resumed from the newest step every
+member has intact). The loop itself is :mod:`medjax.train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax import checkpoint, workdir as workdir_lib
+from medjax.experiments import Experiment, TrainingDiverged
+from medjax.models import summary as model_summary_lib
+
+
+class Cadence:
+  """When, at a step, to log, evaluate (and checkpoint) or stop (as big_vision's itstime)."""
+
+  def __init__(self, exp: Experiment, start_step: int):
+    tcfg = exp.config.train
+    self.log_every = tcfg.log_every_steps
+    self.eval_every = max(tcfg.eval_every_epochs, 1) * exp.steps_per_epoch
+    self.total = exp.total_steps
+    self.stop_at = start_step + tcfg.stop_after_steps if tcfg.stop_after_steps else None
+
+  def evaluate(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.total
+
+  def log(self, step: int) -> bool:
+    return step % self.log_every == 0 or step % self.eval_every == 0
+
+  def stop(self, step: int, requested: bool) -> bool:
+    return requested or (self.stop_at is not None and step >= self.stop_at)
+
+
+class LossBlowup:
+  """Warns once when the logged train loss reaches ``factor`` times its first logged value
+  in this invocation: a learning rate that wrecks the model without a NaN."""
+
+  def __init__(self, factor: float = 10.0):
+    self.factor, self.first, self.warned = factor, None, False
+
+  def check(self, step: int, loss: float) -> None:
+    if self.first is None:
+      self.first = loss
+    elif not self.warned and loss > self.factor * max(self.first, 1e-8):
+      self.warned = True
+      print(f'warning: train loss {loss:.4g} at step {step} is over {self.factor:g}x its first '
+            f'logged value {self.first:.4g}; the learning rate may be too high')
+
+
+@contextlib.contextmanager
+def preemption_flag():
+  """``{'requested': bool}`` set by SIGTERM, so the loop saves at the next step and exits.
+  Single-process only: every host of a multi-host run would have to agree on the step."""
+  flag = {'requested': False}
+  previous = None
+  if jax.process_count() == 1 and hasattr(signal, 'SIGTERM'):
+    try:
+      previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.update(requested=True))
+    except ValueError:  # not the main thread
+      previous = None
+  try:
+    yield flag
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def diverged(what: str, manager, workdir: str) -> TrainingDiverged:
+  latest = manager.latest_step()
+  where = (f'The last good checkpoint is step {latest} in {os.path.join(workdir, "checkpoints")}'
+           if latest is not None else 'No checkpoint was saved')
+  return TrainingDiverged(f'{what}; stopping. {where} (lower optimizer.learning_rate or set '
+                          'optimizer.grad_clip_norm).')
+
+
+def check_finite(losses: np.ndarray, step: int, manager, workdir: str) -> None:
+  if not np.all(np.isfinite(losses)):
+    raise diverged(f'loss became NaN or infinite at or before step {step}', manager, workdir)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def check_params(state, step: int, manager, workdir: str) -> None:
+  """Before evaluating and saving: the last update can break the parameters while every
+  loss so far was finite; such a state is never evaluated or saved."""
+  if not bool(all_finite(state.params)):
+    raise diverged(f'parameters became NaN or infinite at step {step} (not saved)', manager,
+                    workdir)
+
+
+def write_model_summary(exp: Experiment, state, workdir: str, announce: bool = True) -> None:
+  """``model_summary.json``/``.txt`` of a fresh run; ``announce`` prints it."""
+  summary = exp.model_summary(state)
+  workdir_lib.write_json(os.path.join(workdir, 'model_summary.json'), summary)
+  if workdir_lib.is_main():
+    with open(os.path.join(workdir, 'model_summary.txt'), 'w') as f:
+      f.write(model_summary_lib.format_summary(summary, max_depth=99) + '\n')
+  if announce:
+    print(f'{exp.describe()}\n{model_summary_lib.format_summary(summary)}\ntask {exp.task}, '
+          f'{jax.device_count()} device(s), {exp.steps_per_epoch} steps/epoch')
+
+
+class Member:
+  """One run trained by the loop: its experiment, workdir, checkpoints and log."""
+
+  def __init__(self, exp: Experiment, workdir: str):
+    self.exp, self.workdir = exp, workdir
+    tcfg = exp.config.train
+    self.manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints,
+                                           tcfg.selection_metric, tcfg.selection_mode)
+    self.log = None
+    self.pending: list = []  # train losses (floats) not logged yet
+    self.blowup = LossBlowup()
+
+  def start_run(self, allow_change: Sequence[str]) -> None:
+    workdir_lib.start_run(self.workdir, self.exp.config, self.exp.run_files(),
+                          self.manager.latest_step(), allow_change)
+    workdir_lib.write_json(os.path.join(self.workdir, 'command.json'),
+                           workdir_lib.run_command())
+
+  def meta(self, step: int, pending_losses=()) -> Dict[str, Any]:
+    # Unlogged losses travel in the checkpoint, so a resumed run logs what an uninterrupted
+    # run would.
+    return {'step': step, 'epoch': step / self.exp.steps_per_epoch, 'pending_train_losses':
+            [float(x) for x in pending_losses]}
+
+
+
+
+def start(members: Sequence[Member], init: Callable[[], Any],
+          combine: Callable[[list], Any]) -> Tuple[Any, int, bool]:
+  """(state, start step, fresh) of members trained as one program: their states at the newest
+  step every member has intact (``combine``: the members' states as the program's, e.g.
+  stacked on the seed axis), or ``init()`` when a member has none. A member ahead of the
+  others (a kill between two members' saves) goes back to the common step; its newer
+  checkpoints are dropped and recomputed, identically. Sets each member's unlogged losses."""
+  found = [checkpoint.restore_latest_intact(m.manager, m.exp.abstract_state())
+           for m in members]
+  common = min((f[0] if f is not None else 0) for f in found)
+  if common == 0:
+    for member in members:  # a kill inside the first round of saves: start over
+      for step in member.manager.all_steps():
+        member.manager.delete(step)
+      member.pending = []
+    return init(), 0, True
+  states = []
+  for member, (step, state, meta) in zip(members, found):
+    if step != common:
+      state, meta = checkpoint.restore(member.manager, common, member.exp.abstract_state())
+      for newer in [s for s in member.manager.all_steps() if s > common]:
+        member.manager.delete(newer)
+    # Unlogged losses travel in the checkpoint, so a resumed run logs what an uninterrupted
+    # run would.
+    member.pending = list(meta.get('pending_train_losses', []))
+    states.append(state)
+  return combine(states), common, False
