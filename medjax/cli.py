@@ -15,7 +15,9 @@ Running ``train`` again on the same workdir resumes from its latest checkpoint.
 
 Exit status: 0 done; 1 the run failed (training diverged) or ``data check`` found problems;
 2 a user error (bad config, missing or malformed file, unusable workdir, ...), reported in
-one line naming the file; ``--debug`` shows the traceback instead.
+one line naming the file; ``--debug`` shows the traceback instead. Warnings are one line
+each on stderr; ``--debug`` also shows the libraries' own logs (TensorFlow and XLA start-up,
+Orbax's read errors in full): medjax/output.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import argparse
 import json
 import sys
 from typing import List, Optional, Tuple
+
+from medjax import output
 
 
 def _split_overrides(argv: List[str]) -> Tuple[List[str], List[str]]:
@@ -50,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='medjax', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--debug', action='store_true',
-                      help='show the traceback of an error instead of one line')
+                      help='show the traceback of an error instead of one line, and the '
+                           "libraries' own logs (TensorFlow/XLA start-up, Orbax read errors)")
   sub = parser.add_subparsers(dest='command', required=True)
   train = sub.add_parser('train', help='train (or resume) a model')
   train.add_argument('--config', required=True,
@@ -170,7 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   rest, overrides = _split_overrides(argv)
   args = _parser().parse_args(rest)
   try:
-    return _run(args, overrides)
+    with output.cli_output(args.debug):  # before TensorFlow or jaxlib is imported
+      return _run(args, overrides)
   except (ValueError, OSError) as e:  # config, input files, workdir, disk: the user's to fix
     if args.debug:
       raise

@@ -46,6 +46,7 @@ import optax
 
 import medjax
 from medjax import config as config_lib
+from medjax import output
 
 
 def is_main() -> bool:
@@ -332,7 +333,7 @@ def read_metrics(path: str) -> list:
       records.append(json.loads(line))
     except json.JSONDecodeError:
       if number == len(lines):
-        print(f'warning: {path}: dropped a torn last line ({line.strip()[:60]!r})')
+        output.warn(f'{path}: dropped a torn last line ({line.strip()[:60]!r})')
         break
       raise WorkdirMismatch(f'{path}: line {number} is not JSON ({line.strip()[:60]!r})'
                             ) from None

@@ -365,6 +365,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-2000:]
   stopped = int(out.split('Stopped at step ')[1].split(';')[0])
+  assert 'did not provide metrics' not in err  # Orbax's warning on a save without metrics
   manager = checkpoint.make_manager(workdir, 1, 'auc', 'max')
   assert manager.latest_step() == stopped
   results = train_lib.train_and_evaluate(
