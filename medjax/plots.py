@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from medjax import metrics as metrics_lib, workdir as workdir_lib
+from medjax import metrics as metrics_lib, output, workdir as workdir_lib
 
 _DPI = 120
 _CLASS_COLOURS = ('#e41a1c', '#377eb8', '#4daf4a', '#984ea3', '#ff7f00', '#a65628', '#f781bf',
@@ -341,7 +341,7 @@ def write_plots_safely(workdir: str, splits=('val', 'test'), task_figures=None) 
   try:
     written = write_run_plots(workdir, splits, task_figures)
   except Exception as e:  # noqa: BLE001
-    print(f'warning: could not draw the plots of {workdir}: {type(e).__name__}: {e}')
+    output.warn(f'could not draw the plots of {workdir}: {type(e).__name__}: {e}')
     return
   if written:  # on stderr: `medjax evaluate` prints its JSON alone on stdout
     print(f"plots: {', '.join(sorted(written))} in {os.path.join(workdir, 'plots')}",

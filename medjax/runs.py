@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import checkpoint, workdir as workdir_lib
+from medjax import checkpoint, output, workdir as workdir_lib
 from medjax.experiments import Experiment, TrainingDiverged
 from medjax.models import summary as model_summary_lib
 
@@ -52,8 +52,8 @@ class LossBlowup:
       self.first = loss
     elif not self.warned and loss > self.factor * max(self.first, 1e-8):
       self.warned = True
-      print(f'warning: train loss {loss:.4g} at step {step} is over {self.factor:g}x its first '
-            f'logged value {self.first:.4g}; the learning rate may be too high')
+      output.warn(f'train loss {loss:.4g} at step {step} is over {self.factor:g}x its first '
+                  f'logged value {self.first:.4g}; the learning rate may be too high')
 
 
 @contextlib.contextmanager

@@ -208,8 +208,8 @@ def test_a_loss_far_above_its_start_is_reported(tmp_path, capsys):
   blowup = train_lib.LossBlowup()
   for step, loss in ((10, 1.1), (20, 5.0), (30, 11.5), (40, 50.0)):
     blowup.check(step, loss)
-  out = capsys.readouterr().out
-  assert out.count('warning') == 1 and 'train loss 11.5 at step 30 is over 10x' in out
+  err = capsys.readouterr().err  # warnings are one line each on stderr
+  assert err.count('warning') == 1 and 'train loss 11.5 at step 30 is over 10x' in err
 
 def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_path):
   workdir, _, _ = reference_run
@@ -281,7 +281,7 @@ def test_evaluate_of_a_stopped_run_draws_its_plots(tmp_path, capsys):
   train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 8}), workdir)
   capsys.readouterr()
   train_lib.evaluate_workdir(workdir, 'val')
-  assert 'could not draw' not in capsys.readouterr().out
+  assert 'could not draw' not in capsys.readouterr().err
   assert {'roc_val.png', 'confusion_val.png', 'reliability_val.png',
           'learning_curves.png'} <= set(os.listdir(os.path.join(workdir, 'plots')))
 

@@ -26,7 +26,7 @@ from typing import Any, Dict
 import ml_collections
 import numpy as np
 
-from medjax import config as config_lib
+from medjax import config as config_lib, output
 from medjax.data import few_labels, prepare
 from medjax.data.sampling import IGNORE_LABEL
 from medjax.semi import base
@@ -93,7 +93,7 @@ class SelfTraining(base.Method):
           f"{self.info['class_counts']})")
     warning = pseudo_label_warning(self.info)
     if warning:
-      print(f'warning: self-training: {warning}')
+      output.warn(f'self-training: {warning}')
 
   def _label_cases(self, teacher, state) -> None:
     """The unlabelled cases with the teacher's label maps ``[*spatial]`` and their class
