@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from medjax import config as config_lib, semi, train as train_lib, workdir as workdir_lib
 from medjax.data import few_labels, load_data, pipeline
@@ -124,7 +125,16 @@ def test_few_labels_recipe_trains_a_3d_medmnist_flag(tmp_path):
   assert images.shape == (12, 28, 28, 28, 1) and labels.shape == (4,)
   assert not np.allclose(images[4:8], images[8:])  # weak and strong views differ
   results = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
-  assert 0.0 <= results['test']['auc'] <= 1.0
+  # The test metrics are scikit-learn's on the written predictions of the file's 4 test
+  # volumes (labels 0, 1, 0, 1).
+  pred = np.load(tmp_path / 'run' / 'predictions_test.npz')
+  np.testing.assert_array_equal(pred['labels'], arrays['test_labels'][pred['index'], 0])
+  assert sorted(pred['index']) == [0, 1, 2, 3] and pred['scores'].shape == (4, 2)
+  assert results['test']['auc'] == pytest.approx(
+      roc_auc_score(pred['labels'], pred['scores'][:, 1]), abs=1e-9)
+  assert results['test']['accuracy'] == pytest.approx(
+      np.mean(pred['scores'].argmax(1) == pred['labels']), abs=1e-12)
+  assert np.isfinite(results['val']['auc'])
 
 
 def test_few_labels_train_as_many_steps_as_all_labels():

@@ -305,13 +305,25 @@ def test_cli_evaluate_reproduces_results(tmp_path, quickstart_run):
     ('configs/adrenalmnist3d.py', ('medmnist', 'adrenalmnist3d.npz'))])
 def test_medmnist_recipes_run_on_real_data(config_file, path_parts, tmp_path):
   from conftest import shared_file
-  shared_file(*path_parts)
+  path = shared_file(*path_parts)
   config = config_lib.load_config_file(config_file + ':runlocal')
   config_lib.apply_overrides(config, ['train.num_epochs=1'])
   results = train_lib.train_and_evaluate(config, str(tmp_path))
   assert results['task'] == 'binary'
   assert results['test']['num_examples'] == config.data.max_examples
-  assert 0.0 <= results['test']['auc'] <= 1.0
+  # The scored examples are the file's first test examples, with the file's labels, and the
+  # reported metrics are scikit-learn's on the written predictions.
+  with np.load(path) as f:
+    truth = f['test_labels'][:config.data.max_examples, 0]
+  pred = np.load(tmp_path / 'predictions_test.npz')
+  np.testing.assert_array_equal(np.sort(pred['index']), np.arange(len(truth)))
+  np.testing.assert_array_equal(pred['labels'], truth[pred['index']])
+  scores = pred['scores']
+  assert scores.shape == (len(truth), 2) and 0 < pred['labels'].sum() < len(truth)
+  assert results['test']['auc'] == pytest.approx(
+      skm.roc_auc_score(pred['labels'], scores[:, 1]), abs=1e-9)
+  assert results['test']['accuracy'] == pytest.approx(
+      skm.accuracy_score(pred['labels'], scores.argmax(1)), abs=1e-12)
 
 
 @pytest.mark.parametrize('name,shape,num_classes,label_width,task,outputs', [
