@@ -52,12 +52,22 @@ def test_output_shapes_and_parameter_counts_2d_and_3d(name, input_shape):
   assert n_params == _hand_count(name, input_shape[-1], len(input_shape) - 2, 7)
 
 
+@pytest.mark.parametrize('name,expected', [
+    # torchvision.models.resnet{18,34,50}(num_classes=1000) parameter counts.
+    ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032)])
+def test_resnet_parameter_counts_match_torchvision(name, expected):
+  _, n_params, _ = _shapes(build_model(name, 1000, stem='imagenet'), (1, 224, 224, 3))
+  assert n_params == expected
+  assert _hand_count(name, 3, 2, 1000, stem='imagenet') == expected  # the hand count too
+
+
 def test_medmnist_stem_keeps_resolution_and_3d_has_3d_kernels():
   _, _, variables = _shapes(build_model('resnet18', 2), (1, 28, 28, 28, 1))
   assert variables['params']['stem_conv']['kernel'].shape == (3, 3, 3, 1, 64)
   assert 'batch_stats' in variables
 
 
+@pytest.mark.slow
 def test_dropout_and_batch_norm_statistics_act_only_in_training():
   """train=False gives the same logits twice and leaves the running statistics as they are;
   train=True draws dropout masks from its key and moves the statistics by momentum 0.9
