@@ -106,6 +106,7 @@ def _toy_config(**overrides):
   return config
 
 
+@pytest.mark.slow
 def test_readme_toy_task_trains_and_writes_a_valid_workdir(toy_task, tmp_path):
   workdir = str(tmp_path / 'run')
   results = train_lib.train_and_evaluate(_toy_config(), workdir)

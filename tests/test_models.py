@@ -111,6 +111,7 @@ def test_xavier_initializer_and_errors():
     _shapes(build_model('simple_cnn', 2), (1, 28, 1))
 
 
+@pytest.mark.slow
 def test_torch_initializer_is_pytorchs_default_layer_init():
   """initializer='torch': every weight and bias U(-b, b), b = 1/sqrt(fan_in), as PyTorch's
   Conv/Linear reset_parameters (kaiming_uniform_(a=sqrt(5)) and the bias bound); checked
