@@ -111,6 +111,7 @@ def test_layers_default_layer_and_unknown_layer_error():
     explain.check_layer(layers, 'stage9', spatial_output=False)
 
 
+@pytest.mark.slow
 def test_flops_estimate_counts_the_convolution_exactly():
   class OneConv(nn.Module):
     @nn.compact

@@ -652,6 +652,7 @@ def test_segmentation_semi_run_resumes_exactly(method, tmp_path):
     assert len(json.load(f)['unlabeled']) == 4
 
 
+@pytest.mark.slow
 def test_segmentation_fixmatch_pieces_against_numpy():
   rng = np.random.default_rng(3)
   probabilities = rng.dirichlet([1, 1, 1], (2, 5, 6)).astype(np.float32)

@@ -113,6 +113,7 @@ def test_sliding_window_equals_direct_prediction_when_the_window_covers_the_imag
   assert padded.shape == (10, 20, 3)
 
 
+@pytest.mark.slow
 def test_score_command_on_real_labels(tmp_path):
   import csv
   import json

@@ -189,6 +189,7 @@ class OlderTrainState:
   dropout_key: jax.Array
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_the_loss_state_field_still_restores(tmp_path):
   """Checkpoints from before ``TrainState.loss_state`` existed restore into a state whose
   loss keeps no statistics; a loss that does keep some refuses them (its statistics are
