@@ -20,6 +20,7 @@ def _benchmark_argv(tmp_path, seeds: str, *recipe: str) -> list:
           'train.num_epochs=1', '--set', 'data.max_examples=32']
 
 
+@pytest.mark.slow
 def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys):
   out = tmp_path / 'bench'
   argv = _benchmark_argv(tmp_path, '0,1', '--recipe', 'configs/breastmnist.py:runlocal')
@@ -54,6 +55,7 @@ def test_benchmark_medmnist_trains_each_seed_once_and_tabulates(tmp_path, capsys
   assert '== breastmnist' not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_benchmark_variant_trains_each_datasets_own_recipe(tmp_path, capsys):
   out = tmp_path / 'bench'
   argv = _benchmark_argv(tmp_path, '3', '--variant', 'cpu')
@@ -124,6 +126,7 @@ def test_hippocampus_seed_means_pair_each_seeds_runs():
   assert means['labelled only']['dice_gap_recovered'] == ''
 
 
+@pytest.mark.slow
 def test_a_stopped_run_ends_the_benchmark_cleanly_and_the_same_command_resumes(tmp_path,
                                                                                  capsys):
   argv = _benchmark_argv(tmp_path, '0', '--recipe', 'configs/breastmnist.py:runlocal')

@@ -77,6 +77,7 @@ def test_batches_are_two_views_of_every_training_image_without_labels():
   assert len(matches) == len(seen) == 256
 
 
+@pytest.mark.slow
 def test_pretraining_then_fine_tuning_with_a_new_head(tmp_path):
   pretrained = str(tmp_path / 'simclr')
   results = train_lib.train_and_evaluate(

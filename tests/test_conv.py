@@ -125,7 +125,7 @@ def test_auto_is_xla_off_cpu_and_unknown_impl_is_an_error():
                                                          jnp.zeros((1, 8, 8, 1)))
 
 
-@pytest.mark.parametrize('nd', [2, 3])
+@pytest.mark.parametrize('nd', [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_conv_transpose_equals_flax_with_the_same_parameters(nd):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2,) + (3, 4, 5)[:nd] + (6,)), jnp.float32)
@@ -156,6 +156,7 @@ def test_conv_transpose_equals_flax_with_the_same_parameters(nd):
     ('unet', dict(features=(4, 8), strides=(1, 2), block='residual', upsample='resize'),
      (2, 16, 16, 2)),
 ])
+@pytest.mark.slow
 def test_models_train_the_same_with_auto_and_xla(name, kwargs, shape):
   """Same parameters (names, shapes, initial values), the same gradients, and three SGD
   steps give the same losses to float32 tolerance."""

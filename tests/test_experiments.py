@@ -110,6 +110,7 @@ def _toy_config(**overrides):
   return config
 
 
+@pytest.mark.slow
 def test_readme_toy_task_trains_and_writes_a_valid_workdir(toy_task, tmp_path):
   workdir = str(tmp_path / 'run')
   results = train_lib.train_and_evaluate(_toy_config(), workdir)
@@ -131,6 +132,7 @@ def test_readme_toy_task_trains_and_writes_a_valid_workdir(toy_task, tmp_path):
   assert predicted.shape == (64,) and set(np.unique(predicted)) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_toy_task_dict_targets_train_as_seeds_in_one_program(toy_task, tmp_path):
   """The dict targets go through the seed axis too: each seed of a group trains as its
   single run does (same losses to float rounding), and the toy's own config key is checked

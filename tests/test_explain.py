@@ -51,6 +51,7 @@ def test_grad_cam_of_a_gap_model_equals_class_activation_mapping():
   np.testing.assert_allclose(cam, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_integrated_gradients_are_complete():
   model = build_model('simple_cnn', 3, features=(8, 16), hidden=16)
   variables = _init(model, (16, 16, 1))
@@ -66,6 +67,7 @@ def test_integrated_gradients_are_complete():
                              atol=1e-3)
 
 
+@pytest.mark.slow
 def test_saliency_is_the_absolute_input_gradient_against_finite_differences():
   model = build_model('simple_cnn', 2, features=(4, 8), hidden=8)
   variables = _init(model, (8, 8, 1))
@@ -94,6 +96,7 @@ def test_region_target_sums_the_class_logit_over_the_region():
   np.testing.assert_allclose(got, logits[:, 1:3, 1:3, 0].sum((1, 2)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_layers_default_layer_and_unknown_layer_error():
   resnet = build_model('resnet18', 3)
   variables = _init(resnet, (28, 28, 1))
@@ -108,6 +111,7 @@ def test_layers_default_layer_and_unknown_layer_error():
     explain.check_layer(layers, 'stage9', spatial_output=False)
 
 
+@pytest.mark.slow
 def test_flops_estimate_counts_the_convolution_exactly():
   class OneConv(nn.Module):
     @nn.compact

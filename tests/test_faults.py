@@ -236,6 +236,7 @@ def test_interrupted_preparation_leaves_no_entry(tmp_path, monkeypatch):
 
 
 # ----- SIGKILL at any moment ---------------------------------------------------------------
+@pytest.mark.slow
 def test_killed_inside_a_checkpoint_write_and_at_random_resumes_to_identical_results(
     tmp_path, quickstart_run):
   """benchmarks/fault_injection.py with two kills (N=20 by hand: see the script): one inside

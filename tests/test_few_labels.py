@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from medjax import config as config_lib, semi, tasks, train as train_lib, workdir as workdir_lib
 from medjax.data import few_labels, load_data, pipeline
@@ -111,6 +112,7 @@ def test_semi_methods_refuse_configs_they_cannot_use():
     semi.make_method(seg, True)
 
 
+@pytest.mark.slow
 def test_few_labels_recipe_trains_a_3d_medmnist_flag(tmp_path):
   """configs/few_labels.py with a 3D flag (here one no other test uses): the 3D small CNN,
   in-plane flips as the weak view, flips + intensity + cutout as the strong one (the 2D
@@ -133,7 +135,16 @@ def test_few_labels_recipe_trains_a_3d_medmnist_flag(tmp_path):
   assert images.shape == (12, 28, 28, 28, 1) and labels.shape == (4,)
   assert not np.allclose(images[4:8], images[8:])  # weak and strong views differ
   results = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
-  assert 0.0 <= results['test']['auc'] <= 1.0
+  # The test metrics are scikit-learn's on the written predictions of the file's 4 test
+  # volumes (labels 0, 1, 0, 1).
+  pred = np.load(tmp_path / 'run' / 'predictions_test.npz')
+  np.testing.assert_array_equal(pred['labels'], arrays['test_labels'][pred['index'], 0])
+  assert sorted(pred['index']) == [0, 1, 2, 3] and pred['scores'].shape == (4, 2)
+  assert results['test']['auc'] == pytest.approx(
+      roc_auc_score(pred['labels'], pred['scores'][:, 1]), abs=1e-9)
+  assert results['test']['accuracy'] == pytest.approx(
+      np.mean(pred['scores'].argmax(1) == pred['labels']), abs=1e-12)
+  assert np.isfinite(results['val']['auc'])
 
 
 def test_few_labels_train_as_many_steps_as_all_labels():
@@ -162,6 +173,7 @@ def _train_params(config, data, steps=6):
   return np.array(losses), jax.device_get(state.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['none', 'fixmatch', 'mixmatch'])
 def test_labels_of_unlabelled_images_never_reach_the_loss(method, monkeypatch):
   """With the same labelled subset, changing every unlabelled image's label changes nothing
@@ -277,6 +289,7 @@ def test_mixmatch_pieces_against_numpy():
       expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_mixmatch_guesses_labels_with_this_steps_model_on_both_views(monkeypatch):
   """Before mixup (tested above; replaced here by the identity), the targets of a MixMatch
   batch are the labelled rows' one-hot labels and, for each unlabelled image, the sharpened
@@ -304,6 +317,7 @@ def test_mixmatch_guesses_labels_with_this_steps_model_on_both_views(monkeypatch
   assert not np.allclose(images[32:64], images[64:])
 
 
+@pytest.mark.slow
 def test_mixmatch_run_resumes_exactly(tmp_path):
   c = _config('data.labeled_fraction=0.25', 'semi.method=mixmatch', 'semi.unlabeled_ratio=1')
   _assert_resumes_exactly(c, tmp_path, stop_at=5)
@@ -366,6 +380,7 @@ def test_self_adaptive_thresholds_against_numpy():
   np.testing.assert_allclose(float(rate), mask.mean())
 
 
+@pytest.mark.slow
 def test_self_adaptive_fixmatch_checkpoints_its_thresholds_and_resumes_exactly(tmp_path):
   c = _config('data.labeled_fraction=0.1', 'semi.method=fixmatch',
               'semi.threshold_mode=self_adaptive', 'semi.threshold_momentum=0.9',
@@ -485,6 +500,7 @@ def teacher(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_self_training_adds_the_teachers_confident_pseudo_labels(teacher, tmp_path,
                                                                 monkeypatch):
   c = _config('data.labeled_fraction=0.2', 'semi.method=self_training',
@@ -542,6 +558,7 @@ def test_parameter_ema_against_numpy():
   assert int(state.count) == 29
 
 
+@pytest.mark.slow
 def test_evaluation_with_the_parameter_average(tmp_path, quickstart_run):
   """optimizer.ema_decay: training is unchanged (the same losses as the quickstart run), and
   the test predictions are those of the averaged parameters, not of the trained ones."""
@@ -603,6 +620,7 @@ def _seg_config(tmp_path, *overrides):
       'data.slice_axis=0', 'data.patch_size=(16, 16)', *overrides])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['mean_teacher', 'fixmatch'])
 def test_segmentation_methods_never_read_the_labels_of_unlabelled_cases(method, tmp_path,
                                                                       monkeypatch):
@@ -642,6 +660,7 @@ def test_segmentation_methods_never_read_the_labels_of_unlabelled_cases(method, 
   assert not np.array_equal(losses, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['mean_teacher', 'fixmatch'])
 def test_segmentation_semi_run_resumes_exactly(method, tmp_path):
   c = _seg_config(tmp_path, f'semi.method={method}', 'semi.threshold=0.4')
@@ -650,6 +669,7 @@ def test_segmentation_semi_run_resumes_exactly(method, tmp_path):
     assert len(json.load(f)['unlabeled']) == 4
 
 
+@pytest.mark.slow
 def test_segmentation_fixmatch_pieces_against_numpy():
   rng = np.random.default_rng(3)
   probabilities = rng.dirichlet([1, 1, 1], (2, 5, 6)).astype(np.float32)
@@ -709,6 +729,7 @@ def test_strong_intensity_scales_contrasts_and_adds_noise_per_patch():
   assert np.all(noisy.std(axis=(1, 2, 3)) < 0.2 * 1.2) and np.ptp(noisy.std(axis=(1, 2, 3))) > 0
 
 
+@pytest.mark.slow
 def test_segmentation_fixmatch_targets_are_this_steps_pseudo_labels(tmp_path):
   """The strong rows' targets are the arg-max of this step's model on the weak patches
   (unsure voxels IGNORE_LABEL); without perturbations the strong rows are the weak ones.
@@ -755,6 +776,7 @@ def test_labeled_share_repeats_the_labelled_cases():
     semi.with_labeled_share(labeled, pseudo, 1.0)
 
 
+@pytest.mark.slow
 def test_segmentation_self_training_trains_on_the_teachers_label_maps(tmp_path):
   """The student's sampler holds the unlabelled cases with the teacher's arg-max label maps
   (computed here independently), its unsure voxels (top probability below semi.threshold)

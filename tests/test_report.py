@@ -48,6 +48,7 @@ def runs(tmp_path_factory, quickstart_run):
   return root, results
 
 
+@pytest.mark.slow
 def test_training_writes_plots_summary_fingerprint_and_command(runs):
   root, results = runs
   workdir = root / 'seed0'
@@ -76,6 +77,7 @@ def test_training_writes_plots_summary_fingerprint_and_command(runs):
   assert b'plots/roc_test' in blob and b'plots/learning_curves' in blob
 
 
+@pytest.mark.slow
 def test_evaluate_writes_predictions_and_plots_for_its_split(runs, tmp_path):
   root, _ = runs
   workdir = root / 'seed1'
@@ -85,6 +87,7 @@ def test_evaluate_writes_predictions_and_plots_for_its_split(runs, tmp_path):
   assert (workdir / 'predictions_test.npz').exists()
 
 
+@pytest.mark.slow
 def test_report_of_one_run_holds_metrics_plots_config_and_reproduction(runs):
   root, results = runs
   workdir = root / 'seed0'
@@ -99,6 +102,7 @@ def test_report_of_one_run_holds_metrics_plots_config_and_reproduction(runs):
   assert 'jaxlib' in page and '543,619 parameters' in page
 
 
+@pytest.mark.slow
 def test_report_escapes_every_workdir_field(runs, tmp_path):
   """Workdir JSON is data: markup planted in any field reaches the page as text."""
   import shutil
@@ -128,6 +132,7 @@ def test_report_escapes_every_workdir_field(runs, tmp_path):
   assert page.count('&lt;script&gt;alert(1)&lt;/script&gt;') >= 14
 
 
+@pytest.mark.slow
 def test_saved_config_json_repeats_the_run_exactly(runs, tmp_path):
   root, results = runs
   config = config_lib.load_config_file(str(root / 'seed0' / 'config.json'))
@@ -138,6 +143,7 @@ def test_saved_config_json_repeats_the_run_exactly(runs, tmp_path):
     config_lib.load_config_file(str(root / 'seed0' / 'config.json') + ':runlocal')
 
 
+@pytest.mark.slow
 def test_report_of_seeds_gives_mean_and_sd(runs):
   root, results = runs
   assert report.find_runs(str(root)) == [str(root / 'seed0'), str(root / 'seed1')]
@@ -149,6 +155,7 @@ def test_report_of_seeds_gives_mean_and_sd(runs):
   assert page.count('<details class="run">') == 2
 
 
+@pytest.mark.slow
 def test_compare_prints_and_writes_markdown_and_csv(runs, tmp_path, capsys):
   root, results = runs
   out = tmp_path / 'cmp' / 'table.md'

@@ -23,6 +23,45 @@ def _records(workdir):
     return [{k: v for k, v in json.loads(line).items() if k != 'images_per_sec'} for line in f]
 
 
+def test_group_pieces_without_training():
+  """The group's building blocks, quickly: a member's config is the single-run config of its
+  seed; stacking trees on a seed axis and slicing them back is a round trip; the unrolled
+  step gives each seed what the step alone gives it."""
+  import jax
+  import jax.numpy as jnp
+
+  from medjax import seeds
+  c = _config(**{'train.seeds': (3, 5)})
+  assert seeds.check_seeds(c) == [3, 5]
+  member = seeds.member_config(c, 5)
+  assert member.seed == 5 and tuple(member.train.seeds) == () and c.train.seeds == (3, 5)
+  assert seeds.seed_workdir('runs/g', 5) == os.path.join('runs/g', 'seed_5')
+  rng = np.random.default_rng(0)
+  trees = [{'w': jnp.asarray(rng.normal(size=(2, 3)), jnp.float32), 'n': jnp.int32(k)}
+           for k in range(3)]
+  stacked = seeds.stack_trees(trees)
+  assert stacked['w'].shape == (3, 2, 3) and stacked['n'].shape == (3,)
+  for k in range(3):
+    jax.tree.map(np.testing.assert_array_equal, seeds.member_state(stacked, k), trees[k])
+
+  def step(state, images, labels):
+    new = {'w': state['w'] * images.mean() + labels.sum(), 'n': state['n'] + 1}
+    return new, {'loss': (state['w'].sum() - labels) ** 2}
+  images = jnp.asarray(rng.normal(size=(3, 4, 2)), jnp.float32)
+  labels = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  out_state, out_metrics = seeds._unrolled(step, 3, stacked, images, labels)
+  for k in range(3):
+    alone_state, alone_metrics = step(trees[k], images[k], labels[k])
+    jax.tree.map(np.testing.assert_array_equal, seeds.member_state(out_state, k), alone_state)
+    np.testing.assert_array_equal(out_metrics['loss'][k], alone_metrics['loss'])
+  assert seeds.resolve_program('auto') == ('unroll' if jax.default_backend() == 'cpu'
+                                           else 'vmap')
+  with pytest.raises(ValueError, match='names a seed twice'):
+    seeds.check_seeds(_config(**{'train.seeds': (3, 3)}))
+  with pytest.raises(ValueError, match="seeds_program must be one of auto, vmap, unroll"):
+    seeds.resolve_program('pmap')
+
+
 @pytest.fixture(scope='module')
 def group(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('group') / 'g'
@@ -30,6 +69,7 @@ def group(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_each_seed_equals_its_single_run(group, quickstart_run, tmp_path):
   """Seed K of the group trains as ``seed=K`` alone does (own init, data order,
   augmentation, dropout). The step is the single-run step over a leading seed axis, so the
@@ -54,6 +94,7 @@ def test_each_seed_equals_its_single_run(group, quickstart_run, tmp_path):
   assert _records(workdir / 'seed_0')[0]['loss'] != _records(workdir / 'seed_1')[0]['loss']
 
 
+@pytest.mark.slow
 def test_summary_and_seed_ensemble(group):
   workdir, summary = group
   assert json.loads((workdir / 'summary.json').read_text()) == json.loads(json.dumps(summary))
@@ -75,6 +116,7 @@ def test_summary_and_seed_ensemble(group):
   assert cli.main(['evaluate', '--workdir', str(workdir)]) == 2
 
 
+@pytest.mark.slow
 def test_group_resume_is_exact_even_when_one_seed_is_ahead(group, tmp_path):
   """Stopped at step 12 (checkpoints 8 and 12 for both seeds), then seed 1's checkpoint 12
   deleted, as a kill between the two seeds' saves leaves it: both resume from step 8 and
@@ -93,6 +135,7 @@ def test_group_resume_is_exact_even_when_one_seed_is_ahead(group, tmp_path):
     train_lib.train_and_evaluate(_config(**{'train.seeds': (3, 3)}), str(tmp_path / 'x'))
 
 
+@pytest.mark.slow
 def test_segmentation_seeds_in_one_program(tmp_path):
   """Segmentation (synthetic volumes, no ../shared needed), with ``vmap`` over the seed axis
   (the classification tests use the CPU default, ``unroll``): each seed of the group equals

@@ -98,6 +98,7 @@ def test_sliding_window_of_a_pointwise_function_is_exact(blend):
   np.testing.assert_allclose(out, predict(image[None])[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sliding_window_equals_direct_prediction_when_the_window_covers_the_image():
   model = build_model('unet', 3, features=(4, 8), strides=(1, 2))
   image = np.random.default_rng(1).normal(size=(16, 24, 1)).astype(np.float32)
@@ -112,6 +113,7 @@ def test_sliding_window_equals_direct_prediction_when_the_window_covers_the_imag
   assert padded.shape == (10, 20, 3)
 
 
+@pytest.mark.slow
 def test_score_command_on_real_labels(tmp_path):
   import csv
   import json

@@ -17,7 +17,6 @@ from conftest import shared_file
 from medjax import apply, config as config_lib
 from medjax import train as train_lib
 
-pytestmark = pytest.mark.slow
 
 
 def _config(tmp_cache, **overrides):
@@ -37,6 +36,7 @@ def seg_run(tmp_path_factory):
   return workdir, config, results, tmp
 
 
+@pytest.mark.slow
 def test_workdir_and_results(seg_run):
   workdir, config, results, _ = seg_run
   assert results['task'] == 'segmentation' and results['selection_metric'] == 'val/dice'
@@ -48,6 +48,7 @@ def test_workdir_and_results(seg_run):
   assert [r['step'] for r in records if r['split'] == 'val'] == [3, 6]
 
 
+@pytest.mark.slow
 def test_validation_predictions_overlay_and_scores_match_independent(seg_run):
   workdir, _, results, _ = seg_run
   for case_id, per_class in results['val']['per_case'].items():
@@ -64,6 +65,7 @@ def test_validation_predictions_overlay_and_scores_match_independent(seg_run):
       assert (np.isnan(got) and np.isnan(expected)) or got == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_validation_metrics(seg_run):
   workdir, _, results, _ = seg_run
   again = train_lib.evaluate_workdir(workdir, 'val')
@@ -71,6 +73,7 @@ def test_evaluate_reproduces_validation_metrics(seg_run):
   assert again['metrics']['per_case'] == results['val']['per_case']
 
 
+@pytest.mark.slow
 def test_segmentation_resume_is_exact(seg_run):
   workdir, config, results, tmp = seg_run
   other = str(tmp / 'resumed')
@@ -87,6 +90,7 @@ def test_segmentation_resume_is_exact(seg_run):
   assert losses(other) == losses(workdir)
 
 
+@pytest.mark.slow
 def test_predict_keeps_affine_for_reoriented_anisotropic_input(seg_run, tmp_path):
   workdir, _, _, _ = seg_run
   src = nib.load(shared_file('msd_hippocampus', 'imagesTr', 'hippocampus_004.nii.gz'))
@@ -112,6 +116,7 @@ def test_predict_keeps_affine_for_reoriented_anisotropic_input(seg_run, tmp_path
   assert plain.shape == nib.load(inputs / 'hippocampus_006.nii.gz').shape
 
 
+@pytest.mark.slow
 def test_predict_then_score_equals_validation(seg_run, tmp_path):
   workdir, _, results, _ = seg_run
   split = json.load(open(os.path.join(workdir, 'split.json')))
@@ -141,6 +146,7 @@ def test_segmentation_config_errors(tmp_path):
     train_lib.make_experiment(_config(str(tmp_path), **{'data.slice_context': 1}))
 
 
+@pytest.mark.slow
 def test_2d_slices_of_volumes_train_and_segment_whole_volumes(seg_run, tmp_path):
   # 2.5D: each sagittal slice with one neighbour on each side as channels.
   config = _config(str(tmp_path / 'cache'), **{'data.slice_axis': 0,
@@ -220,6 +226,7 @@ def test_2d_slices_of_volumes_train_and_segment_whole_volumes(seg_run, tmp_path)
     np.testing.assert_allclose(cam.affine, source.affine, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):
   """Runs without ../shared: synthetic non-RAS, anisotropic volumes through train, predict
   and score; predictions overlay their inputs and the scores match an independent Dice."""
@@ -274,6 +281,7 @@ def test_synthetic_volumes_train_predict_score_end_to_end(tmp_path):
   assert f"<td>head</td><td>{results['val']['dice_head']:.4f}</td>" in page
 
 
+@pytest.mark.slow
 def test_isbi_2d_config_runs_with_membrane_as_class_1(tmp_path):
   shared_file('isbi2012_em_membrane', 'train', 'label', '0.png')
   c = config_lib.load_config_file('configs/isbi2012_unet2d.py:runlocal')

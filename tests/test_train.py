@@ -20,7 +20,6 @@ from medjax import train as train_lib
 from medjax.data import load_data
 from medjax.experiments import ClassificationExperiment
 
-pytestmark = pytest.mark.slow
 
 
 def _config(**overrides):
@@ -55,6 +54,7 @@ def reference_run(tmp_path_factory):
   return workdir, config, results
 
 
+@pytest.mark.slow
 def test_workdir_contract(reference_run):
   workdir, _, results = reference_run
   for name in ('config.json', 'metrics.jsonl', 'results.json', 'predictions_val.npz',
@@ -71,6 +71,7 @@ def test_workdir_contract(reference_run):
   assert [r['step'] for r in records if r['split'] == 'val'] == [8, 16]
 
 
+@pytest.mark.slow
 def test_results_recomputed_from_predictions_with_sklearn(reference_run):
   workdir, _, results = reference_run
   for split in ('val', 'test'):
@@ -84,6 +85,7 @@ def test_results_recomputed_from_predictions_with_sklearn(reference_run):
         skm.accuracy_score(labels, scores.argmax(1)), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_selected_checkpoint_is_the_best_validation_auc(reference_run):
   workdir, _, results = reference_run
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -92,6 +94,7 @@ def test_selected_checkpoint_is_the_best_validation_auc(reference_run):
   assert results['val']['auc'] == pytest.approx(val[results['selected_step']], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_results_exactly(reference_run):
   workdir, _, results = reference_run
   for split in ('val', 'test'):
@@ -100,6 +103,7 @@ def test_evaluate_reproduces_results_exactly(reference_run):
     assert result['metrics'] == results[split]
 
 
+@pytest.mark.slow
 def test_same_seed_twice_gives_identical_results(reference_run, tmp_path):
   workdir, config, _ = reference_run
   train_lib.train_and_evaluate(config, str(tmp_path))
@@ -107,6 +111,7 @@ def test_same_seed_twice_gives_identical_results(reference_run, tmp_path):
   assert _train_losses(str(tmp_path)) == _train_losses(workdir)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(reference_run, tmp_path):
   workdir, config, _ = reference_run
   stopped = train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 5}),
@@ -122,6 +127,7 @@ def test_resume_is_bit_exact(reference_run, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_unfinished_checkpoint_is_never_resumed_from(reference_run, tmp_path):
   """A kill during a save leaves Orbax's temporary directory; resume must ignore it."""
   workdir, config, _ = reference_run
@@ -134,6 +140,7 @@ def test_unfinished_checkpoint_is_never_resumed_from(reference_run, tmp_path):
   assert results_without_run_info(str(tmp_path)) == results_without_run_info(workdir)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
   diverging = _config(**{'optimizer.learning_rate': float('inf')})
   with pytest.raises(train_lib.TrainingDiverged,
@@ -142,6 +149,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
   assert checkpoint.make_manager(str(tmp_path / 'inf'), 1, 'auc', 'max').latest_step() is None
 
 
+@pytest.mark.slow
 def test_nan_parameters_with_finite_losses_are_never_saved(tmp_path, monkeypatch):
   """The last update before a checkpoint breaks the parameters while every loss so far was
   finite (the loss is computed before the update): the state is not evaluated or saved, and
@@ -181,6 +189,7 @@ class OlderTrainState:
   dropout_key: jax.Array
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_the_loss_state_field_still_restores(tmp_path):
   """Checkpoints from before ``TrainState.loss_state`` existed restore into a state whose
   loss keeps no statistics; a loss that does keep some refuses them (its statistics are
@@ -211,6 +220,7 @@ def test_a_loss_far_above_its_start_is_reported(tmp_path, capsys):
   err = capsys.readouterr().err  # warnings are one line each on stderr
   assert err.count('warning') == 1 and 'train loss 11.5 at step 30 is over 10x' in err
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_path):
   workdir, _, _ = reference_run
   script = textwrap.dedent(f"""
@@ -250,6 +260,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(reference_run, tmp_pa
   assert r8['test']['auc'] == pytest.approx(r1['test']['auc'], abs=0.03)
 
 
+@pytest.mark.slow
 def test_selection_last_reports_the_last_checkpoint(tmp_path):
   """selection_mode='last': no selection on the validation set; the final checkpoint is
   the one scored (as MedMNIST's official script does), and only the latest are kept."""
@@ -267,6 +278,7 @@ def test_selection_last_reports_the_last_checkpoint(tmp_path):
     checkpoint.make_manager(str(tmp_path / 'x'), 1, 'auc', 'best')
 
 
+@pytest.mark.slow
 def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
   train_lib.train_and_evaluate(_config(**{'train.stop_after_steps': 2}), str(tmp_path))
   with pytest.raises(ValueError, match=r"trained to step 2 with another config "
@@ -274,6 +286,7 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
     train_lib.train_and_evaluate(_config(**{'optimizer.name': 'sgd'}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_evaluate_of_a_stopped_run_draws_its_plots(tmp_path, capsys):
   """A run stopped before results.json (task 'auto' in its config) is evaluated and plotted
   like a finished one: the predictions name their task."""
@@ -294,6 +307,7 @@ def test_bad_task_and_loss_are_errors():
     ClassificationExperiment(config_lib.resolve(_config(**{'loss.name': 'dice'})), data)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_reproduces_results(tmp_path, quickstart_run):
   """``medjax evaluate`` in a fresh process prints the selected checkpoint's metrics, equal
   to results.json (``medjax train`` through the CLI runs in test_faults and test_multihost)."""
@@ -312,18 +326,31 @@ def test_cli_evaluate_reproduces_results(tmp_path, quickstart_run):
   assert proc.returncode == 2 and 'has no config.json' in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config_file,path_parts', [
     ('configs/breastmnist.py', ('medmnist', 'breastmnist.npz')),
     ('configs/adrenalmnist3d.py', ('medmnist', 'adrenalmnist3d.npz'))])
 def test_medmnist_recipes_run_on_real_data(config_file, path_parts, tmp_path):
   from conftest import shared_file
-  shared_file(*path_parts)
+  path = shared_file(*path_parts)
   config = config_lib.load_config_file(config_file + ':runlocal')
   config_lib.apply_overrides(config, ['train.num_epochs=1'])
   results = train_lib.train_and_evaluate(config, str(tmp_path))
   assert results['task'] == 'binary'
   assert results['test']['num_examples'] == config.data.max_examples
-  assert 0.0 <= results['test']['auc'] <= 1.0
+  # The scored examples are the file's first test examples, with the file's labels, and the
+  # reported metrics are scikit-learn's on the written predictions.
+  with np.load(path) as f:
+    truth = f['test_labels'][:config.data.max_examples, 0]
+  pred = np.load(tmp_path / 'predictions_test.npz')
+  np.testing.assert_array_equal(np.sort(pred['index']), np.arange(len(truth)))
+  np.testing.assert_array_equal(pred['labels'], truth[pred['index']])
+  scores = pred['scores']
+  assert scores.shape == (len(truth), 2) and 0 < pred['labels'].sum() < len(truth)
+  assert results['test']['auc'] == pytest.approx(
+      skm.roc_auc_score(pred['labels'], scores[:, 1]), abs=1e-9)
+  assert results['test']['accuracy'] == pytest.approx(
+      skm.accuracy_score(pred['labels'], scores.argmax(1)), abs=1e-12)
 
 
 @pytest.mark.parametrize('name,shape,num_classes,label_width,task,outputs', [
@@ -332,6 +359,7 @@ def test_medmnist_recipes_run_on_real_data(config_file, path_parts, tmp_path):
     ('retinamnist.npz', (28, 28, 3), 5, 1, 'ordinal', 4),          # ordinal head: K-1 logits
     ('chestmnist.npz', (28, 28), 2, 14, 'multilabel', 14),         # multi-label
 ])
+@pytest.mark.slow
 def test_paper_recipe_on_unseen_medmnist_layouts(name, shape, num_classes, label_width, task,
                                                  outputs, tmp_path):
   path = fake_medmnist(tmp_path / name, shape, num_classes, label_width)
@@ -349,6 +377,7 @@ def test_paper_recipe_on_unseen_medmnist_layouts(name, shape, num_classes, label
   assert exp.num_outputs == outputs
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
   import signal
   import time
@@ -376,6 +405,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
   assert results['run_info']['resumed_from_step'] == stopped
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_run_from_another_runs_selected_model(reference_run, tmp_path):
   """train.init_from: the source's selected parameters and batch statistics, a fresh
   optimizer and step; each seed of a group starts from it; a resumed fine-tuning run goes on

@@ -71,6 +71,7 @@ def test_perfect_prediction_has_zero_dice_loss_and_ce_matches():
       pytest.approx(ce, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('upsample', ['transpose', 'resize'])
 def test_dice_ce_gradients_are_finite_3d(upsample):
   model = build_model('unet', 3, features=(4, 8), strides=(1, 2), upsample=upsample)

@@ -259,6 +259,7 @@ def test_check_dataset_reports_fingerprint_and_each_bad_file(tmp_path):
   assert proc.returncode == 1 and 'problems: 2' in proc.stdout
 
 
+@pytest.mark.slow
 def test_data_check_cli_on_real_msd_and_2d_folder(tmp_path):
   root = os.path.dirname(shared_file(*HIPPO, 'dataset.json'))
   out = tmp_path / 'fingerprint.json'

@@ -27,6 +27,7 @@ def _snapshot(workdir):
       os.path.join(workdir, name)) else None for name in files}
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_before_anything_is_written(tmp_path):
   workdir = str(tmp_path)
   train_lib.train_and_evaluate(_config('train.stop_after_steps=2'), workdir)
@@ -40,6 +41,7 @@ def test_a_changed_config_is_refused_before_anything_is_written(tmp_path):
   assert train_lib.evaluate_workdir(workdir, 'val', write=False)['step'] == 2
 
 
+@pytest.mark.slow
 def test_an_equal_config_resumes_without_a_note(tmp_path, capsys):
   workdir = str(tmp_path)
   train_lib.train_and_evaluate(_config('train.stop_after_steps=3'), workdir)
@@ -55,6 +57,7 @@ def test_an_equal_config_resumes_without_a_note(tmp_path, capsys):
   assert [(h['start_step'], h['changes']) for h in history] == [(0, {}), (3, {})]
 
 
+@pytest.mark.slow
 def test_more_epochs_is_an_explicit_recorded_change(tmp_path):
   workdir = str(tmp_path)
   train_lib.train_and_evaluate(_config(), workdir)  # 1 epoch = 8 steps, finished
@@ -74,6 +77,7 @@ def test_more_epochs_is_an_explicit_recorded_change(tmp_path):
                                  allow_change=['optimizer.name'])
 
 
+@pytest.mark.slow
 def test_changed_data_under_the_same_config_is_refused(tmp_path):
   path = fake_medmnist(tmp_path / 'breastmnist.npz', (28, 28), 2)
   config = config_lib.load_config_file('configs/breastmnist.py:runlocal')
@@ -132,6 +136,7 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_corrupt_one_named(tmp_path, c
     workdir_lib.read_config(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line_exit_2_and_evaluate_prints_before_writing(tmp_path,
                                                                                 capsys):
   from medjax import cli
@@ -170,6 +175,7 @@ def two_epochs(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', ['flip_bytes', 'delete'])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(damage, two_epochs,
                                                                          tmp_path, capfd,
@@ -207,6 +213,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(damage,
   assert results_without_run_info(workdir) == results_without_run_info(reference)
 
 
+@pytest.mark.slow
 def test_evaluating_another_checkpoint_leaves_the_runs_own_files_alone(tmp_path, quickstart_run,
                                                                        capsys):
   """``evaluate --step N`` of a checkpoint that is not the selected one writes under
