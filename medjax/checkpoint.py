@@ -103,7 +103,7 @@ def _without_metrics_note(record: logging.LogRecord) -> bool:
 
 # State fields added after checkpoints had been written without them (medjax's TrainState):
 # such a checkpoint still restores where the field holds no arrays.
-ADDED_FIELDS = ('loss_state',)
+ADDED_FIELDS = ('loss_state', 'loss_scale')
 
 
 def _is_structure_mismatch(error: ValueError) -> bool:

@@ -48,7 +48,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medjax import checkpoint, config as config_lib, optim, workdir as workdir_lib
+from medjax import checkpoint, config as config_lib, optim, precision, workdir as workdir_lib
+from medjax.experiments import step as step_lib
 from medjax.experiments.registry import make_experiment
 from medjax.experiments.state import (TrainState, global_batch, path_name,
                                       warm_start_selection)
@@ -116,8 +117,12 @@ class Experiment:
     model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
     model_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
     try:
-      self.model = build_model(config.model.name, num_outputs, **model_kwargs)
+      self.model = build_model(config.model.name, num_outputs, **model_kwargs,
+                               **precision.model_dtype(config.train.precision))
     except ValueError as e:
+      if "'dtype'" in str(e):
+        raise ValueError(f'train.precision={config.train.precision} needs a compute dtype, '
+                         f"and model '{config.model.name}' has no dtype field") from None
       raise ValueError(f'{e} (model options come from the config section model.*; after '
                        'changing model.name, set that section for the new model)') from None
     self.global_batch = config.train.batch_size
@@ -132,6 +137,7 @@ class Experiment:
                         ('train.eval_batch_size', config.train.eval_batch_size)):
       if batch % devices.size:
         raise ValueError(f'{name}={batch} is not divisible by the {devices.size} devices')
+    step_lib.check_accumulation(config, devices.size, self.method)
     self.mesh = Mesh(devices, ('data',))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
@@ -262,7 +268,8 @@ class Experiment:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=self.tx.init(params), dropout_key=dropout_key,
-                      loss_state=self.init_loss_state())
+                      loss_state=self.init_loss_state(),
+                      loss_scale=precision.init_loss_scale(self.config.train))
 
   def init_state(self) -> TrainState:
     """Fresh state, created directly on the replicated sharding (no host copy to alias);
@@ -366,27 +373,8 @@ class Experiment:
 
   # ----- the train step ----------------------------------------------------------------
   def step_fn(self, state: TrainState, images, labels):
-    dropout_key = jax.random.fold_in(state.dropout_key, state.step)
-    images, labels = self.train_inputs(state, images, labels,
-                                       jax.random.fold_in(dropout_key, 1))
-
-    def loss_fn(params):
-      variables = self.apply_variables(params, state.batch_stats)
-      has_bn = 'batch_stats' in variables
-      outputs, updates = self.model.apply(
-          variables, images, train=True, rngs={'dropout': dropout_key},
-          mutable=['batch_stats'] if has_bn else [])
-      loss, loss_state = self.loss_with_state(outputs, labels, state.loss_state)
-      return loss, (updates, jax.lax.stop_gradient(loss_state))
-
-    (loss, (updates, loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, param_updates)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=updates.get('batch_stats', state.batch_stats),
-                              opt_state=opt_state, loss_state=loss_state)
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    """One update on a global batch, traced in the compiled step (:mod:`.step`)."""
+    return step_lib.train_step(self, state, images, labels)
 
   def global_array(self, local: Any) -> Any:
     """This process's rows of a batch (an array, or any pytree of arrays with the batch

@@ -22,6 +22,8 @@ class TrainState:
   dropout_key: jax.Array
   # Statistics the loss carries between steps (Experiment.init_loss_state); {} for most.
   loss_state: Any = flax.struct.field(default_factory=dict)
+  # float16's dynamic loss scale (medjax.precision.init_loss_scale); {} in other precisions.
+  loss_scale: Any = flax.struct.field(default_factory=dict)
 
 
 def path_name(path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ class SimpleCNN(nn.Module):
     dropout_rate: dropout before the output layer.
     initializer: 'he', 'xavier' or 'torch' (``medjax.models.layers.kernel_init``).
     conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per backend).
+    dtype: compute dtype (``train.precision``); parameters and logits stay float32.
   """
   num_outputs: int
   features: tuple[int, ...] = (32, 64)
@@ -29,6 +32,7 @@ class SimpleCNN(nn.Module):
   dropout_rate: float = 0.0
   initializer: str = 'he'
   conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -36,13 +40,15 @@ class SimpleCNN(nn.Module):
     init = kernel_init(self.initializer)
     for f in self.features:
       x = make_conv(f, (3,) * nd, conv_impl=self.conv_impl, kernel_init=init,
-                    bias_init=bias_init(self.initializer, 3**nd * x.shape[-1]))(x)
+                    bias_init=bias_init(self.initializer, 3**nd * x.shape[-1]),
+                    dtype=self.dtype)(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (2,) * nd, strides=(2,) * nd)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.hidden, kernel_init=dense_init(self.initializer),
-                         bias_init=bias_init(self.initializer, x.shape[-1]))(x))
+                         bias_init=bias_init(self.initializer, x.shape[-1]),
+                         dtype=self.dtype)(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer),
-                 bias_init=bias_init(self.initializer, x.shape[-1]))(x)
+                 bias_init=bias_init(self.initializer, x.shape[-1]), dtype=self.dtype)(x)
     return x.astype(jnp.float32)

@@ -89,6 +89,8 @@ class ResNet(nn.Module):
     initializer: 'he', 'xavier' or 'torch' (``medjax.models.layers.kernel_init``).
     zero_init_residual: last BatchNorm of each block starts at zero (Goyal et al. 2017).
     conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per backend).
+    dtype: compute dtype of convolutions, norms and the head (``train.precision``); the
+      parameters stay float32 and the logits are float32.
   """
   num_outputs: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -99,14 +101,16 @@ class ResNet(nn.Module):
   initializer: str = 'he'
   zero_init_residual: bool = False
   conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     nd = spatial_dims(x)
-    conv = functools.partial(make_conv, conv_impl=self.conv_impl, use_bias=False, kernel_init=kernel_init(self.initializer),
-                             padding='SAME')
+    conv = functools.partial(make_conv, conv_impl=self.conv_impl, use_bias=False,
+                             kernel_init=kernel_init(self.initializer), padding='SAME',
+                             dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5)
+                             epsilon=1e-5, dtype=self.dtype)
     if self.stem == 'medmnist':
       x = conv(self.width, (3,) * nd, name='stem_conv')(x)
       x = nn.relu(norm(name='stem_norm')(x))
@@ -130,8 +134,10 @@ class ResNet(nn.Module):
                       name=f'stage{i + 1}_block{j + 1}')(x)
     x = jnp.mean(x, axis=tuple(range(1, nd + 1)))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer),
-                    bias_init=bias_init(self.initializer, x.shape[-1]), name='head')(x)
+    logits = nn.Dense(self.num_outputs, kernel_init=dense_init(self.initializer),
+                      bias_init=bias_init(self.initializer, x.shape[-1]), dtype=self.dtype,
+                      name='head')(x)
+    return logits.astype(jnp.float32)
 
 
 def _variant(name: str, stage_sizes, block):

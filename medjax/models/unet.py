@@ -11,7 +11,7 @@ Spatial sizes must be divisible by the product of ``strides`` (pad with
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,13 +23,15 @@ from medjax.models.layers import kernel_init, spatial_dims
 from medjax.models.registry import register_model
 
 
-def _norm(kind: str, train: bool, name: str):
+def _norm(kind: str, train: bool, name: str, dtype):
+  # Flax computes the statistics in float32 whatever ``dtype`` (the output's).
   if kind == 'instance':
-    return nn.InstanceNorm(epsilon=1e-5, name=name)
+    return nn.InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
   if kind == 'batch':
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        name=name)
   if kind == 'group':
-    return nn.GroupNorm(num_groups=8, epsilon=1e-5, name=name)
+    return nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=dtype, name=name)
   raise ValueError(f"unknown norm '{kind}'; expected 'instance', 'batch' or 'group'")
 
 
@@ -44,24 +46,26 @@ class ConvBlock(nn.Module):
   negative_slope: float
   initializer: str
   conv_impl: str
+  dtype: Any
 
   @nn.compact
   def __call__(self, x, train: bool):
     nd = x.ndim - 2
-    conv = functools.partial(make_conv, kernel_size=(3,) * nd, conv_impl=self.conv_impl, padding='SAME',
-                             kernel_init=kernel_init(self.initializer))
+    conv = functools.partial(make_conv, kernel_size=(3,) * nd, conv_impl=self.conv_impl,
+                             padding='SAME', kernel_init=kernel_init(self.initializer),
+                             dtype=self.dtype)
     shortcut = x
     for i in range(self.num_convs):
       x = conv(self.features, strides=(self.strides if i == 0 else 1,) * nd,
                name=f'conv{i}')(x)
-      x = _norm(self.norm, train, f'norm{i}')(x)
+      x = _norm(self.norm, train, f'norm{i}', self.dtype)(x)
       if not (self.residual and i == self.num_convs - 1):
         x = nn.leaky_relu(x, self.negative_slope)
     if self.residual:
       if shortcut.shape != x.shape:
         shortcut = make_conv(self.features, (1,) * nd, conv_impl=self.conv_impl,
                              strides=(self.strides,) * nd,
-                             kernel_init=kernel_init(self.initializer),
+                             kernel_init=kernel_init(self.initializer), dtype=self.dtype,
                              name='shortcut')(shortcut)
       x = nn.leaky_relu(x + shortcut, self.negative_slope)
     return x
@@ -86,6 +90,7 @@ class UNet(nn.Module):
       (``medjax.models.layers.kernel_init``); biases start at zero.
     conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per
       backend). Transposed convolutions with kernel = stride run as a matrix product on CPU.
+    dtype: compute dtype (``train.precision``); parameters and logits stay float32.
   """
   num_outputs: int
   features: Sequence[int] = (32, 64, 128, 256, 320)
@@ -98,6 +103,7 @@ class UNet(nn.Module):
   negative_slope: float = 0.01
   initializer: str = 'he'
   conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
@@ -117,7 +123,10 @@ class UNet(nn.Module):
     block = functools.partial(ConvBlock, num_convs=self.convs_per_block, norm=self.norm,
                               residual=self.block == 'residual',
                               negative_slope=self.negative_slope, initializer=self.initializer,
-                              conv_impl=self.conv_impl)
+                              conv_impl=self.conv_impl, dtype=self.dtype)
+    conv1 = functools.partial(make_conv, kernel_size=(1,) * nd, conv_impl=self.conv_impl,
+                              dtype=self.dtype)
+    x = x.astype(self.dtype)
     skips = []
     for level, (f, s) in enumerate(zip(self.features, self.strides)):
       x = block(f, s, name=f'encoder{level}')(x, train)
@@ -130,14 +139,12 @@ class UNet(nn.Module):
                           conv_impl=self.conv_impl, name=f'up{level}')(x)
       else:
         x = jax.image.resize(x, x.shape[:1] + skips[level].shape[1:-1] + x.shape[-1:], 'linear')
-        x = make_conv(f, (1,) * nd, conv_impl=self.conv_impl, kernel_init=kernel_init(self.initializer),
-                      name=f'up{level}')(x)
+        x = conv1(f, kernel_init=kernel_init(self.initializer), name=f'up{level}')(x)
       x = jnp.concatenate([x, skips[level]], axis=-1)
       x = block(f, 1, name=f'decoder{level}')(x, train)
       if self.deep_supervision and level > 0:
-        outputs.append(make_conv(self.num_outputs, (1,) * nd, conv_impl=self.conv_impl,
-                                 name=f'ds_head{level}')(x))
-    logits = make_conv(self.num_outputs, (1,) * nd, conv_impl=self.conv_impl, name='head')(x)
+        outputs.append(conv1(self.num_outputs, name=f'ds_head{level}')(x))
+    logits = conv1(self.num_outputs, name='head')(x)
     logits = logits.astype(jnp.float32)
     if self.deep_supervision and train:
       return [logits] + [o.astype(jnp.float32) for o in reversed(outputs)]
