@@ -122,8 +122,9 @@ def test_micro_batches_keep_each_devices_rows_together():
 
 def test_accumulated_gradients_give_the_large_batch_update():
   """No batch statistics, no dropout: 4 micro-batches of 8 update the model as one batch
-  of 32 (Adam's first step, so a wrong mean would show directly)."""
-  overrides = ('model.dropout_rate=0.0',)
+  of 32 (SGD: the update is the mean gradient itself, so a sum or a missed micro-batch
+  would show directly)."""
+  overrides = ('model.dropout_rate=0.0', 'optimizer.name=sgd', 'optimizer.learning_rate=0.1')
   exp1 = make_experiment(_config(*overrides))
   exp4 = make_experiment(_config(*overrides, 'train.grad_accum_steps=4'))
   images, labels = _batch(exp1)
@@ -145,6 +146,9 @@ def test_grad_accumulation_errors_name_the_key():
     make_experiment(_config('train.grad_accum_steps=5'))
   with pytest.raises(ValueError, match='train.grad_accum_steps must be an integer >= 1'):
     make_experiment(_config('train.grad_accum_steps=0'))
+  with pytest.raises(ValueError, match='train.grad_accum_steps=2 with semi.method=fixmatch'):
+    make_experiment(_config('train.grad_accum_steps=2', 'semi.method=fixmatch',
+                            'data.labeled_fraction=0.5'))
 
 
 @pytest.mark.slow

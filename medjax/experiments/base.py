@@ -137,7 +137,7 @@ class Experiment:
                         ('train.eval_batch_size', config.train.eval_batch_size)):
       if batch % devices.size:
         raise ValueError(f'{name}={batch} is not divisible by the {devices.size} devices')
-    step_lib.check_accumulation(config, devices.size, self.method)
+    step_lib.check_accumulation(config, devices.size)
     self.mesh = Mesh(devices, ('data',))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))

@@ -29,8 +29,7 @@ def _defaults(c: ml_collections.ConfigDict) -> None:
   config_lib.section(c, 'train').grad_accum_steps = 1
 
 
-def check_accumulation(config: ml_collections.ConfigDict, num_devices: int,
-                       method: Any) -> int:
+def check_accumulation(config: ml_collections.ConfigDict, num_devices: int) -> int:
   """``train.grad_accum_steps``, checked against the batch and the devices."""
   k, batch = config.train.grad_accum_steps, config.train.batch_size
   if not isinstance(k, int) or k < 1:
@@ -38,8 +37,9 @@ def check_accumulation(config: ml_collections.ConfigDict, num_devices: int,
   if batch % (k * num_devices):
     raise ValueError(f'train.batch_size={batch} is not divisible by train.grad_accum_steps={k}'
                      f' x {num_devices} devices')
-  if k > 1 and method is not None:
-    raise ValueError(f'train.grad_accum_steps={k} with semi.method={config.semi.method}: the '
+  method = config.get('semi', {}).get('method', 'none')
+  if k > 1 and method != 'none':
+    raise ValueError(f'train.grad_accum_steps={k} with semi.method={method}: the '
                      "method's batch layout (labelled and unlabelled rows) is not split into "
                      'micro-batches; use train.grad_accum_steps=1')
   return k
