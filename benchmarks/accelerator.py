@@ -52,7 +52,8 @@ CASES = {
 TINY = {
     'resnet18_28': dict(model='resnet18', options=dict(stem='medmnist', width=4),
                         shape=(16, 16, 1), batch=8, classes=2),
-    'unet3d_hippocampus': dict(model='unet', options=dict(features=(4, 8), strides=(1, 2)),
+    'unet3d_hippocampus': dict(model='unet', options=dict(features=(4, 8, 8),
+                                                          strides=(1, 2, 2)),
                                shape=(8, 16, 8, 1), batch=2, classes=3),
     'unet3d_128': dict(model='unet', options=dict(features=(4, 8, 8), strides=(1, 2, 2)),
                        shape=(16, 16, 16, 1), batch=2, classes=3),
@@ -63,6 +64,7 @@ COLUMNS = [('case', 'case', 's'), ('precision', 'precision', 's'), ('augment', '
            ('batch', 'batch', 'd'), ('step_per_s', 'step ex/s', '.2f'),
            ('pipeline_per_s', 'pipeline ex/s', '.2f'), ('peak_mb', 'peak MB', '.0f'),
            ('torch_per_s', 'torch ex/s', '.2f'), ('vs_torch', 'x torch', '.2f'),
+           ('monai_per_s', 'MONAI ex/s', '.2f'), ('vs_monai', 'x MONAI', '.2f'),
            ('skipped', 'skipped', 's')]
 
 
@@ -172,31 +174,52 @@ def torch_rate(case: Dict, precision: str, steps: int) -> Dict:
   else:
     model = TorchUNet(nd, case['shape'][-1], case['classes'], case['options']['features'],
                       case['options']['strides'])
-  model = model.to(device).train()
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
   images, labels = _batch(case)
   x = torch.from_numpy(np.moveaxis(images, -1, 1).copy()).to(device)
   y = torch.from_numpy(labels.astype(np.int64)).to(device)
   dtype = torch.bfloat16 if precision == 'bfloat16' else torch.float32
+  row = dict(torch_device=device)
+  for name, net in (('torch', model), ('monai', _monai_unet(case))):
+    if net is None:
+      continue
+    net = net.to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
-  def step():
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast(device, dtype=dtype, enabled=precision != 'float32'):
-      loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-  if device == 'cuda':
-    torch.cuda.reset_peak_memory_stats()
-  step()
-  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-  sync()
-  start = time.perf_counter()
-  for _ in range(steps):
+    def step():
+      opt.zero_grad(set_to_none=True)
+      with torch.autocast(device, dtype=dtype, enabled=precision != 'float32'):
+        loss = F.cross_entropy(net(x), y)
+      loss.backward()
+      opt.step()
+    if device == 'cuda':
+      torch.cuda.reset_peak_memory_stats()
     step()
-  sync()
-  seconds = (time.perf_counter() - start) / steps
-  peak = torch.cuda.max_memory_allocated() / 2**20 if device == 'cuda' else None
-  return dict(torch_per_s=case['batch'] / seconds, torch_peak_mb=peak, torch_device=device)
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    row[f'{name}_per_s'] = case['batch'] / seconds
+    row[f'{name}_peak_mb'] = torch.cuda.max_memory_allocated() / 2**20 if device == 'cuda' else None
+  return row
+
+
+def _monai_unet(case: Dict):
+  """MONAI's DynUNet (nnU-Net's network) with the case's levels, or None (not a U-Net, or
+  MONAI not installed)."""
+  if case['model'] != 'unet':
+    return None
+  try:
+    from monai.networks.nets import DynUNet
+  except ImportError:
+    return None
+  strides = list(case['options']['strides'])
+  return DynUNet(spatial_dims=len(case['shape']) - 1, in_channels=case['shape'][-1],
+                 out_channels=case['classes'], kernel_size=[3] * len(strides), strides=strides,
+                 upsample_kernel_size=strides[1:], filters=list(case['options']['features']),
+                 norm_name='instance', res_block=False)
 
 
 def run_case(name: str, tiny: bool, precision: str, augment: str, steps: int) -> Dict:
@@ -249,9 +272,13 @@ def main() -> None:
       for augment in args.augment:
         row = _run_child('medjax', name, precision, augment, args)
         if args.torch and augment == 'host' and 'skipped' not in row:
-          row.update(_run_child('torch', name, precision, augment, args))
-          if row.get('torch_per_s'):
-            row['vs_torch'] = row['step_per_s'] / row['torch_per_s']
+          theirs = _run_child('torch', name, precision, augment, args)
+          if 'skipped' in theirs:
+            theirs = {'torch_skipped': theirs['skipped']}
+          row.update({k: v for k, v in theirs.items() if k not in row})
+          for name in ('torch', 'monai'):
+            if row.get(f'{name}_per_s'):
+              row[f'vs_{name}'] = row['step_per_s'] / row[f'{name}_per_s']
         rows.append(row)
         print(json.dumps({k: rows[-1].get(k) for k, _, _ in COLUMNS}), flush=True)
   info = _device_info()
