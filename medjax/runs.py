@@ -93,6 +93,8 @@ def _agreed_preemption(start_step: int) -> Callable[[int], bool]:
   try:
     # Each process's count is 0 until its first call: a SIGTERM since jax.distributed started
     # (the restore, say) put the sync point at 1, which a resumed run would never count to.
+    # (A notice inside the microseconds between these two calls on every process would set
+    # it at 2: that run trains on until killed, as it would without this check.)
     before_start = start_step > 1 and reached(1)
     before_start = reached(start_step) or before_start  # last: the count is start_step
   except RuntimeError:  # jax_enable_preemption_service is off
