@@ -1,7 +1,7 @@
 """One run's bookkeeping in the training loop: its workdir, checkpoints and log
 (:class:`Member`), when to log, evaluate and stop (:class:`Cadence`), the checks that stop a
-diverged run, SIGTERM, and the start of training (fresh, or resumed from the newest step every
-member has intact). The loop itself is :mod:`medjax.train`.
+diverged run, SIGTERM (every process of a multi-host run stops at the same step), and the
+start of training (fresh, or resumed from the newest step every member has intact). The loop itself is :mod:`medjax.train`.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from medjax import checkpoint, output, workdir as workdir_lib
 from medjax.experiments import Experiment, TrainingDiverged
@@ -57,21 +58,50 @@ class LossBlowup:
 
 
 @contextlib.contextmanager
-def preemption_flag():
-  """``{'requested': bool}`` set by SIGTERM, so the loop saves at the next step and exits.
-  Single-process only: every host of a multi-host run would have to agree on the step."""
+def preemption(start_step: int) -> Iterator[Callable[[int], bool]]:
+  """``preempted(step)``: whether a SIGTERM asks the loop to save at ``step`` and exit.
+  Call it once per step, in order, from ``start_step`` on (``preempted(start_step)``: the
+  signal came before the first step, so the checkpoint at ``start_step`` stands).
+
+  One process: SIGTERM sets a flag, read at the next step. Several processes: every process
+  must stop at the same step; see :func:`_agreed_preemption`."""
+  if jax.process_count() > 1:
+    yield _agreed_preemption(start_step)
+    return
   flag = {'requested': False}
   previous = None
-  if jax.process_count() == 1 and hasattr(signal, 'SIGTERM'):
+  if hasattr(signal, 'SIGTERM'):
     try:
       previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.update(requested=True))
     except ValueError:  # not the main thread
       previous = None
   try:
-    yield flag
+    yield lambda step: flag['requested']
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+
+
+def _agreed_preemption(start_step: int) -> Callable[[int], bool]:
+  """JAX's preemption service (started by ``jax.distributed.initialize``) catches SIGTERM in
+  whichever process gets it and tells the coordinator; in the background every process then
+  agrees on one step past the furthest step any of them had reached
+  (``multihost_utils.reached_preemption_sync_point``: a local check each step, no sync).
+  Orbax's saves report the same absolute steps to it. No Python SIGTERM handler here: it
+  would replace the service's."""
+  reached = multihost_utils.reached_preemption_sync_point
+  try:
+    # Each process's count is 0 until its first call: a SIGTERM since jax.distributed started
+    # (the restore, say) put the sync point at 1, which a resumed run would never count to.
+    # (A notice inside the microseconds between these two calls on every process would set
+    # it at 2: that run trains on until killed, as it would without this check.)
+    before_start = start_step > 1 and reached(1)
+    before_start = reached(start_step) or before_start  # last: the count is start_step
+  except RuntimeError:  # jax_enable_preemption_service is off
+    output.warn('the JAX preemption service is off (jax_enable_preemption_service): a SIGTERM '
+                'ends this multi-host run without a checkpoint')
+    return lambda step: False
+  return lambda step: before_start if step == start_step else reached(step)
 
 
 def diverged(what: str, manager, workdir: str) -> TrainingDiverged:

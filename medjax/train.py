@@ -27,7 +27,7 @@ from medjax.evaluation import (evaluate_ensemble, evaluate_workdir, restore_work
                                write_plots)
 from medjax.experiments import Experiment, TrainingDiverged, make_experiment
 from medjax.runs import (Cadence, LossBlowup, Member, check_finite, check_params,
-                         preemption_flag, start, write_model_summary)
+                         preemption, start, write_model_summary)
 
 __all__ = ['train_and_evaluate', 'finalize', 'restore_workdir', 'evaluate_workdir',
            'evaluate_ensemble', 'TrainingDiverged', 'LossBlowup']
@@ -137,10 +137,12 @@ def _loop(members: Sequence[Member], state, start_step: int, train_step, batches
     progress = tqdm(total=exp.total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   step, interval_start, interval_steps = start_step, time.time(), 0
   step_losses = []  # device arrays (scalar, or [members]) since the last event: no host sync
-  with preemption_flag() as preempted, contextlib.ExitStack() as logs:
+  with preemption(start_step) as preempted, contextlib.ExitStack() as logs:
     for member in members:
       logs.enter_context(contextlib.closing(member.log))
     try:
+      if preempted(start_step):  # a SIGTERM before the first step: the checkpoint stands
+        return _stopped(start_step)
       for images, labels in batches:
         state, step_metrics = train_step(state, images, labels)
         step, interval_steps = step + 1, interval_steps + 1
@@ -148,7 +150,7 @@ def _loop(members: Sequence[Member], state, start_step: int, train_step, batches
         if progress is not None:
           progress.update(1)
         log_now, eval_now = cadence.log(step), cadence.evaluate(step)
-        stop_now = cadence.stop(step, preempted['requested'])
+        stop_now = cadence.stop(step, preempted(step))
         if not (log_now or eval_now or stop_now):
           continue
         # One transfer for all members: [steps, members] -> each member's column.
@@ -187,12 +189,16 @@ def _loop(members: Sequence[Member], state, start_step: int, train_step, batches
             for k, member in enumerate(members):
               checkpoint.save(member.manager, step, member_state(state, k),
                               member.meta(step, member.pending))
-          print(f'Stopped at step {step}; run the same command again to resume.')
-          return {'stopped_at_step': step}
+          return _stopped(step)
     finally:
       if progress is not None:
         progress.close()
   return None
+
+
+def _stopped(step: int) -> Dict[str, Any]:
+  print(f'Stopped at step {step}; run the same command again to resume.')
+  return {'stopped_at_step': step}
 
 
 def finalize(exp: Experiment, manager, workdir: str,
