@@ -24,11 +24,13 @@ convolution (values and both gradients equal XLA's to float32 rounding) from tho
 
 ``'auto'`` (the default of ``model.conv_impl``) decides per backend and per layer when the
 computation is traced: on GPU and TPU it is always ``'xla'`` (their convolutions are already
-the fast path); on CPU it is the rule in ``choose_impl``, taken from
+the fast path); on CPU it is the choice recorded by the run or measured once on this machine
+and cached (``medjax.models.conv_tune``), else the rule in ``rule_impl``, taken from
 ``benchmarks/conv_vs_torch.py`` on 2-core Intel Xeon and AMD Zen4 machines. Anything the fast
 implementations do not cover (grouped, dilated or transposed convolutions, other layouts) goes
-to XLA. The choice is a function of the shapes only, never a timing taken at run time, so the
-same config always runs the same program and gives the same numbers.
+to XLA. The choice is a function of the shapes, the machine's cache and the run's record,
+never of a timing taken by the run that uses it, so the same config, machine and cache always
+run the same program and give the same numbers.
 
 Shapes follow flax's ``nn.Conv``: inputs ``[B, *spatial, C_in]``, kernels
 ``[*kernel_size, C_in, C_out]``, outputs ``[B, *out_spatial, C_out]``.
