@@ -329,6 +329,9 @@ def main() -> None:
                        vs_torch=med['torch'] / med[f'medjax_{impl}']))
     print(f"  {case}: " + ', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in med.items()),
           flush=True)
+    write_results(args.out, rows, cpu=cvt.cpu_model(), torch=torch.__version__,
+                  torch_threads=torch.get_num_threads(), load_average_1min_start=load,
+                  load_average_1min_end=os.getloadavg()[0])  # after each case: kept if stopped
   columns = [('case', 'case', ''), ('category', 'where the time goes', '')]
   for impl in args.impls + ['torch']:
     columns += [(f'{impl}_ms', f'{impl} ms', '.1f'), (f'{impl}_share', 'share', '.0%')]
@@ -337,9 +340,6 @@ def main() -> None:
               [('case', 'train step', ''), ('impl', 'conv_impl', ''), ('batch', 'batch', 'd'),
                ('medjax_ms', 'medjax ms', '.0f'), ('torch_ms', 'torch ms', '.0f'),
                ('vs_torch', 'medjax/torch speed', '.2f')])
-  write_results(args.out, rows, cpu=cvt.cpu_model(), torch=torch.__version__,
-                torch_threads=torch.get_num_threads(), load_average_1min_start=load,
-                load_average_1min_end=os.getloadavg()[0])
 
 
 if __name__ == '__main__':
