@@ -438,6 +438,26 @@ def conv_page(results: Results) -> List[str]:
                    ('auto_vs_torch', 'auto / PyTorch', '.2f')]
   machines = '\n'.join(f'* {source_link(name)}: measured on {machine(results[name])}.'
                        for name in ('conv_vs_torch.json', 'conv_vs_torch_resnet18_3d.json'))
+  name = 'cpu_step_profile.json'
+  profile = [r for r in results[name]['results'] if r['kind'] == 'profile']
+  step_rows = [r for r in results[name]['results'] if r['kind'] == 'step']
+  profile_columns = [('case', 'case', ''), ('category', 'where the time goes', '')]
+  for impl, label in (('auto', "'auto' (rule)"), ('tuned', "'auto' (tuned)"),
+                      ('torch', 'PyTorch')):
+    profile_columns += [(f'{impl}_ms', f'{label} ms', '.0f'), (f'{impl}_share', 'share', '.0%')]
+  profile_blocks = [
+      '## Where a train step\'s time goes',
+      f'{source_link(name)}: measured on {machine(results[name])}, load average '
+      f"{results[name]['load_average_1min_start']:.1f} at the start (shared machine: only "
+      'shares and ratios within the run mean anything). XLA\'s ops by category from a '
+      '`jax.profiler` trace, PyTorch\'s from `torch.profiler` (`benchmarks/cpu_step_profile.py`).',
+      markdown_table(profile, profile_columns),
+      'Whole steps, medjax and PyTorch interleaved, medians:',
+      markdown_table(step_rows, [('case', 'train step', ''), ('impl', 'conv_impl', ''),
+                                 ('batch', 'batch', ''), ('reps', 'reps', ''),
+                                 ('medjax_ms', 'medjax ms', '.0f'),
+                                 ('torch_ms', 'PyTorch ms', '.0f'),
+                                 ('vs_torch', 'medjax / PyTorch speed', '.2f')])]
   return (['Sources:\n\n' + machines, '## Whole train steps',
            'Images/s of whole train steps (SGD-momentum, cross-entropy), and seconds per step '
            'split in two: "conv s" is the sum of the model\'s convolution layers '
@@ -446,7 +466,7 @@ def conv_page(results: Results) -> List[str]:
            markdown_table(steps, step_columns),
            '## Each distinct convolution',
            'Forward and both gradients, per layer; "count" is how often the model has it.',
-           markdown_table(layers, layer_columns)])
+           markdown_table(layers, layer_columns)] + profile_blocks)
 
 
 def throughput_page(results: Results) -> List[str]:
@@ -559,7 +579,8 @@ PAGES = [
          "medjax's convolutions (`conv_impl='xla'` and `'auto'`) next to PyTorch eager in one "
          'process (`benchmarks/conv_vs_torch.py`). What `\'auto\'` does and what limits it: '
          '[CPU convolutions](../cpu_convolutions.md).',
-         ['conv_vs_torch.json', 'conv_vs_torch_resnet18_3d.json'], conv_page),
+         ['conv_vs_torch.json', 'conv_vs_torch_resnet18_3d.json', 'cpu_step_profile.json'],
+         conv_page),
     Page('throughput.md', 'Throughput',
          'Images, patches and steps per second of the input pipelines and train steps.',
          ['seeds_throughput.json', 'train_throughput.json', 'volume_pipeline.json',

@@ -26,6 +26,7 @@ from medjax import workdir as workdir_lib
 from medjax.evaluation import (evaluate_ensemble, evaluate_workdir, restore_workdir,
                                write_plots)
 from medjax.experiments import Experiment, TrainingDiverged, make_experiment
+from medjax.models import conv_tune
 from medjax.runs import (Cadence, LossBlowup, Member, check_finite, check_params,
                          preemption, start, write_model_summary)
 
@@ -49,7 +50,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config = config_lib.resolve(config)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.lock(workdir):
+  # conv_impl='auto' on CPU: the choices recorded in the workdir first, so a resumed run
+  # compiles the program it started with (medjax.models.conv_tune).
+  with workdir_lib.lock(workdir), conv_tune.recorded_in(workdir, config.train.conv_autotune):
     if len(config.train.seeds):
       return _train_seeds(config, workdir, allow_change)
     return _train(config, workdir, allow_change)

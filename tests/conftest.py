@@ -15,6 +15,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 _XLA_CACHE = tempfile.mkdtemp(prefix='medjax-tests-xla-cache-')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+# conv_impl='auto' takes the machine's measured choices from a cache (medjax.models.conv_tune):
+# tests use an empty one of their own, so they run the fixed rule whatever this machine cached.
+_CONV_CACHE = tempfile.mkdtemp(prefix='medjax-tests-conv-cache-')
+os.environ['MEDJAX_CONV_CACHE'] = os.path.join(_CONV_CACHE, 'conv_impl.json')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data'))
@@ -22,6 +26,7 @@ SHARED_DATA = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data'))
 
 def pytest_sessionfinish(session, exitstatus):
   shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  shutil.rmtree(_CONV_CACHE, ignore_errors=True)
 
 
 def shared_file(*parts: str) -> str:

@@ -47,7 +47,7 @@ def _applicable(impl, nd, k):
 
 @pytest.mark.parametrize('impl,nd,k,s,padding', [
     (impl, nd, k, s, p)
-    for impl in ('matmul_wgrad', 'depth_stack', 'depth_taps', 'pointwise', 'auto')
+    for impl in ('matmul_wgrad', 'patch_wgrad', 'depth_stack', 'depth_taps', 'pointwise', 'auto')
     for nd, k, s, p in itertools.product((2, 3), (1, 3), (1, 2), ('SAME', 'VALID'))
     if _applicable(impl, nd, k)
 ] + [('auto', 2, 3, 2, ((2, 0), (1, 3))), ('depth_stack', 3, 3, 1, ((0, 1), (2, 2), (1, 0))),

@@ -11,6 +11,9 @@ convolution (values and both gradients equal XLA's to float32 rounding) from tho
   positions) through a ``jax.custom_vjp``: for stride 1 one product per kernel tap of a
   shifted row block of the flattened padded input (no patch copy), otherwise of the input
   patches ``[N, taps * C_in]``.
+* ``'patch_wgrad'``: as ``'matmul_wgrad'``, but the weight gradient is always one product of
+  the input patches ``[N, taps * C_in]`` (a ``taps``-fold copy of the input, then one wide
+  product instead of ``taps`` thin ones; faster on small maps and thin inputs on some CPUs).
 * ``'depth_stack'`` (3D): a ``k_d x k_h x k_w`` convolution as one 2D convolution of depth
   slices (batch and output-depth axes folded together) whose input channels are the ``k_d``
   depth taps side by side (``k_d * C_in`` channels, a ``k_d``-fold copy of the input).
@@ -21,11 +24,13 @@ convolution (values and both gradients equal XLA's to float32 rounding) from tho
 
 ``'auto'`` (the default of ``model.conv_impl``) decides per backend and per layer when the
 computation is traced: on GPU and TPU it is always ``'xla'`` (their convolutions are already
-the fast path); on CPU it is the rule in ``choose_impl``, taken from
+the fast path); on CPU it is the choice recorded by the run or measured once on this machine
+and cached (``medjax.models.conv_tune``), else the rule in ``rule_impl``, taken from
 ``benchmarks/conv_vs_torch.py`` on 2-core Intel Xeon and AMD Zen4 machines. Anything the fast
 implementations do not cover (grouped, dilated or transposed convolutions, other layouts) goes
-to XLA. The choice is a function of the shapes only, never a timing taken at run time, so the
-same config always runs the same program and gives the same numbers.
+to XLA. The choice is a function of the shapes, the machine's cache and the run's record,
+never of a timing taken by the run that uses it, so the same config, machine and cache always
+run the same program and give the same numbers.
 
 Shapes follow flax's ``nn.Conv``: inputs ``[B, *spatial, C_in]``, kernels
 ``[*kernel_size, C_in, C_out]``, outputs ``[B, *out_spatial, C_out]``.
@@ -43,7 +48,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('auto', 'xla', 'matmul_wgrad', 'depth_stack', 'depth_taps', 'pointwise')
+from medjax.models import conv_tune
+
+IMPLS = ('auto', 'xla', 'matmul_wgrad', 'patch_wgrad', 'depth_stack', 'depth_taps', 'pointwise')
 
 Pads = tuple[tuple[int, int], ...]
 
@@ -118,27 +125,27 @@ def _weight_grad_shifted(x, g, kernel_shape, pads):
 
 
 def _weight_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
-                 strides: Sequence[int], pads: Pads) -> jax.Array:
+                 strides: Sequence[int], pads: Pads, patches: bool = False) -> jax.Array:
   """d(loss)/d(kernel) = patches(x)^T @ g, contracted over batch and output positions."""
-  if all(s == 1 for s in strides):
+  if all(s == 1 for s in strides) and not patches:
     return _weight_grad_shifted(x, g, kernel_shape, pads)
   return _weight_grad_patches(x, g, kernel_shape, strides, pads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_matmul_wgrad(x, w, strides, pads):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_matmul_wgrad(x, w, strides, pads, patches=False):
   return _xla(x, w, strides, pads)
 
 
-def _conv_matmul_wgrad_fwd(x, w, strides, pads):
+def _conv_matmul_wgrad_fwd(x, w, strides, pads, patches=False):
   return _xla(x, w, strides, pads), (x, w)
 
 
-def _conv_matmul_wgrad_bwd(strides, pads, residuals, g):
+def _conv_matmul_wgrad_bwd(strides, pads, patches, residuals, g):
   x, w = residuals
   _, input_vjp = jax.vjp(lambda x_: _xla(x_, w, strides, pads), x)
   (dx,) = input_vjp(g)  # XLA's own input gradient (a transposed convolution): fast on CPU
-  return dx, _weight_grad(x, g, w.shape, strides, pads)
+  return dx, _weight_grad(x, g, w.shape, strides, pads, patches)
 
 
 _conv_matmul_wgrad.defvjp(_conv_matmul_wgrad_fwd, _conv_matmul_wgrad_bwd)
@@ -192,12 +199,22 @@ DEPTH_STACK_MAX_CHANNELS = 192
 
 
 def choose_impl(backend: str, input_shape: Sequence[int], kernel_shape: Sequence[int],
-                strides: Sequence[int]) -> str:
+                strides: Sequence[int], pads: Pads | None = None) -> str:
   """What ``'auto'`` runs for one layer (input ``[B, *S, C_in]``, kernel
-  ``[*K, C_in, C_out]``): XLA off CPU; on CPU a rule from the per-layer measurements of
-  ``benchmarks/conv_vs_torch.py`` (see docs/cpu_convolutions.md)."""
+  ``[*K, C_in, C_out]``): XLA off CPU; on CPU the choice pinned by the run or measured on
+  this machine (``medjax.models.conv_tune``), else :func:`rule_impl`."""
   if backend != 'cpu':
     return 'xla'
+  if pads is None:
+    pads = tuple(lax.padtype_to_pads(input_shape[1:-1], kernel_shape[:-2], strides, 'SAME'))
+  return conv_tune.lookup(input_shape, kernel_shape, strides, pads,
+                          rule_impl(input_shape, kernel_shape, strides))
+
+
+def rule_impl(input_shape: Sequence[int], kernel_shape: Sequence[int],
+              strides: Sequence[int]) -> str:
+  """The fixed CPU rule, from the per-layer measurements of ``benchmarks/conv_vs_torch.py``
+  on Intel Xeon and AMD Zen 4 (see docs/cpu_convolutions.md)."""
   nd = len(input_shape) - 2
   ksize = tuple(kernel_shape[:-2])
   if all(k == 1 for k in ksize):
@@ -214,7 +231,7 @@ def choose_impl(backend: str, input_shape: Sequence[int], kernel_shape: Sequence
 def _conv_nd(x, w, strides, pads, impl):
   """Channels-last convolution ``x [B, *S, C_in] * w [*K, C_in, C_out]`` by ``impl``."""
   if impl == 'auto':
-    impl = choose_impl(jax.default_backend(), x.shape, w.shape, strides)
+    impl = choose_impl(jax.default_backend(), x.shape, w.shape, strides, pads)
   if impl == 'xla':
     return _xla(x, w, strides, pads)
   if impl == 'pointwise' and all(k == 1 for k in w.shape[:-2]):
@@ -223,9 +240,9 @@ def _conv_nd(x, w, strides, pads, impl):
     # The 2D convolutions inside take the 2D rule for their own shapes.
     method = _conv_depth_stack if impl == 'depth_stack' else _conv_depth_taps
     return method(x, w, strides, pads, 'auto')
-  # 'matmul_wgrad', and the others where they do not apply (a kernel > 1 for 'pointwise',
-  # a 2D layer for the depth methods): the matrix-product weight gradient covers them all.
-  return _conv_matmul_wgrad(x, w, tuple(strides), pads)
+  # 'matmul_wgrad', 'patch_wgrad', and the others where they do not apply (a kernel > 1 for
+  # 'pointwise', a 2D layer for the depth methods): the matrix-product weight gradient.
+  return _conv_matmul_wgrad(x, w, tuple(strides), pads, impl == 'patch_wgrad')
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
