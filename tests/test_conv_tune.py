@@ -1,5 +1,5 @@
-"""medjax.models.conv_tune: 'auto' on CPU follows the run's record, then this machine's cache,
-then the rule; the cache and the record round-trip; unreadable ones are ignored with a warning.
+"""medjax.models.conv_tune: 'auto' on CPU follows the run's record, then (with autotuning on)
+this machine's cache, then the rule; the cache and the record round-trip; unreadable ones are ignored with a warning.
 No timing is asserted (only that measuring returns a time per candidate)."""
 
 import json
@@ -27,11 +27,24 @@ def _auto():
   return conv_lib.choose_impl('cpu', *LAYER)
 
 
-def test_choice_follows_the_cache_and_the_rule_without_one(cache):
+@pytest.fixture
+def autotune(monkeypatch):
+  """Autotuning on (as train.conv_autotune=True does inside a run), with a measurement that
+  finds the rule's choice fastest (no timing in tests)."""
+  monkeypatch.setattr(conv_tune, '_autotune', True)
+  monkeypatch.setattr(conv_tune, 'measure', lambda *args, **kw: {
+      impl: 1.0 if impl == conv_lib.rule_impl(*LAYER) else 2.0
+      for impl in conv_tune.candidates(*LAYER)})
+
+
+def test_choice_follows_the_cache_and_the_rule_without_one(cache, monkeypatch):
   assert _auto() == conv_lib.rule_impl(*LAYER) == 'matmul_wgrad'
   key = conv_tune.layer_key(*LAYER, PADS)
   assert key == 'in 128x28x28x64 k 3x3x64x64 s 1x1 p 1-1,1-1'
   conv_tune.save_choice(key, 'patch_wgrad')
+  # Without autotuning a run's program depends on its config alone, not on the cache.
+  assert _auto() == 'matmul_wgrad'
+  monkeypatch.setattr(conv_tune, '_autotune', True)
   assert [_auto() for _ in range(3)] == ['patch_wgrad'] * 3
   assert conv_lib.choose_impl('gpu', *LAYER) == 'xla'  # off CPU the cache is not consulted
 
@@ -51,7 +64,7 @@ def test_cache_round_trips_and_keeps_other_machines(cache):
 
 
 @pytest.mark.parametrize('content', ['{not json', '[1, 2]', '{"MACHINE": {"k": "fastest"}}'])
-def test_unreadable_cache_is_ignored_with_a_warning(cache, content):
+def test_unreadable_cache_is_ignored_with_a_warning(cache, autotune, content):
   os.makedirs(os.path.dirname(cache))
   with open(cache, 'w') as f:
     f.write(content.replace('MACHINE', conv_tune.machine_id()))
@@ -61,12 +74,12 @@ def test_unreadable_cache_is_ignored_with_a_warning(cache, content):
   assert _auto() == 'xla'
 
 
-def test_run_record_pins_choices_over_the_cache_and_is_written(cache, tmp_path):
+def test_run_record_pins_choices_over_the_cache_and_is_written(cache, autotune, tmp_path):
   key = conv_tune.layer_key(*LAYER, PADS)
   conv_tune.save_choice(key, 'xla')
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
-  with conv_tune.recorded_in(workdir) as used:
+  with conv_tune.recorded_in(workdir, autotune=True) as used:
     assert _auto() == 'xla'
   assert used == {key: 'xla'}
   with open(os.path.join(workdir, conv_tune.RECORD_FILE)) as f:
@@ -74,11 +87,11 @@ def test_run_record_pins_choices_over_the_cache_and_is_written(cache, tmp_path):
   conv_tune.save_choice(key, 'patch_wgrad')  # the machine's cache changes; the run does not
   with conv_tune.recorded_in(workdir):
     assert _auto() == 'xla'
-  assert _auto() == 'patch_wgrad'  # outside the run: the cache
+  assert _auto() == 'patch_wgrad'  # outside the run, autotuning: the cache
   with open(os.path.join(workdir, conv_tune.RECORD_FILE), 'w') as f:
     f.write('{"k": 3}')
   with pytest.warns(UserWarning, match='ignoring the convolution choices'):
-    with conv_tune.recorded_in(workdir):
+    with conv_tune.recorded_in(workdir, autotune=True):
       assert _auto() == 'patch_wgrad'
 
 

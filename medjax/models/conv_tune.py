@@ -7,12 +7,14 @@ takes, for each layer (input shape, kernel shape, strides, padding):
 
 1. the choice pinned by the run (``recorded_in(workdir)``: ``conv_impl_choices.json`` of a
    workdir being resumed), so a resumed or repeated run compiles the same program;
-2. else the choice cached for this machine (CPU model and jax version) in
-   ``~/.cache/medjax/conv_impl.json`` (``$MEDJAX_CONV_CACHE`` overrides the path);
-3. else, with autotuning on (``train.conv_autotune=True``), it times the candidates once
+2. else, with autotuning on (``train.conv_autotune=True``), the choice cached for this
+   machine (CPU model and jax version) in ``~/.cache/medjax/conv_impl.json``
+   (``$MEDJAX_CONV_CACHE`` overrides the path);
+3. else, with autotuning on, it times the candidates once
    (forward and both gradients, interleaved repetitions, median), keeps the rule's choice
    unless another is more than ``MARGIN`` faster, and caches the winner;
-4. else the fixed rule (``conv.rule_impl``).
+4. else the fixed rule (``conv.rule_impl``): without ``train.conv_autotune`` a run's
+   program depends on its config and shapes alone, never on what a machine has cached.
 
 The choice never depends on a timing taken by a run that finds it cached or pinned, so the
 same config, seed, machine and cache give the same numbers. A cache or record that cannot be
@@ -198,7 +200,7 @@ def lookup(input_shape, kernel_shape, strides, pads, rule: str) -> str:
   key = layer_key(input_shape, kernel_shape, strides, pads)
   if _pinned is not None and key in _pinned:
     impl = _pinned[key]
-  elif key in load_cache():
+  elif _autotune and key in load_cache():
     impl = load_cache()[key]
   elif _autotune:
     impls = candidates(input_shape, kernel_shape, strides)
