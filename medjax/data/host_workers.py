@@ -116,7 +116,7 @@ def _exit_with_parent() -> None:
 
   def watch():
     multiprocessing.connection.wait([parent.sentinel])
-    os._exit(0)
+    os.kill(os.getpid(), signal.SIGKILL)  # at once: no clean-up is owed to anyone
 
   threading.Thread(target=watch, name='medjax-parent-watch', daemon=True).start()
 
