@@ -13,9 +13,13 @@ Pipelines: ``in-process`` calls the sampler in a plain loop (one core, no tf.dat
 ``tf.numpy_function`` calls; ``host_workers=N`` draws in N spawned processes. Every
 pipeline is timed from its first batch (start-up, shown apart, excluded) over the same steps,
 and the pipelines take turns in each repeat, so load from other processes falls on all of
-them alike. ``other cores`` is the CPU time other processes used during the timing (from
-/proc/stat, less this process and its workers), in cores: on a machine with C cores, N
-workers can only reach N x if C - other >= N.
+them alike. ``own cores`` is the CPU this process and its workers used during the timing, in
+cores (CPU seconds / wall seconds): about 1 for a pipeline held to one core by the GIL;
+``other cores`` what all other processes used (from /proc/stat): on a machine with C cores,
+N workers can only reach N x if C - other >= N. ``CPU ms/patch``: CPU time of this process and
+its workers per patch, what each pipeline costs whatever the load. A last table times only
+the move of a sample from a worker to this process (a sampler that copies one fixed sample),
+through shared memory and pickled through a pipe.
 
   python benchmarks/host_pipeline.py [--repeats 3] [--workers 1,2]
 """
@@ -67,7 +71,7 @@ def _process_jiffies(pids) -> int:
 
 
 class CpuMeter:
-  """Cores used by processes other than ``pids`` between ``start()`` and ``stop()``."""
+  """Cores used by ``pids`` and by the other processes between ``start()`` and ``stop()``."""
 
   def __init__(self):
     self.cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 1
@@ -75,15 +79,17 @@ class CpuMeter:
   def start(self, pids):
     self.begin = _busy_jiffies(), _process_jiffies(pids)
 
-  def stop(self, pids) -> float | None:
+  def stop(self, pids) -> dict:
+    """Cores used by ``pids`` and by everything else, and the CPU seconds of ``pids``
+    (None without /proc)."""
     end = _busy_jiffies(), _process_jiffies(pids)
     if end[0] is None or self.begin[0] is None:
-      return None
+      return {'own_cores': None, 'other_cores': None, 'own_cpu_s': None}
     busy = end[0][0] - self.begin[0][0]
-    total = end[0][1] - self.begin[0][1]
+    per_core = max(end[0][1] - self.begin[0][1], 1) / (os.cpu_count() or 1)
     own = end[1] - self.begin[1]
-    ncores = os.cpu_count() or 1
-    return max(0.0, (busy - own) / max(total, 1) * ncores)
+    return {'own_cores': own / per_core, 'other_cores': max(0.0, (busy - own) / per_core),
+            'own_cpu_s': own / os.sysconf('SC_CLK_TCK')}
 
 
 # ----- cases -----------------------------------------------------------------------------
@@ -148,11 +154,50 @@ def time_pipeline(cases, patch, batch, augment, steps, pipeline, meter) -> dict:
   for _ in range(steps):
     next(batches)
   elapsed = time.perf_counter() - start
-  other = meter.stop(pids)
+  cpu = meter.stop(pids)
   if hasattr(batches, 'close'):
     batches.close()
-  return {'samples_per_s': steps * batch / elapsed, 'startup_s': start - t0,
-          'other_cores': other}
+  return {'samples_per_s': steps * batch / elapsed, 'startup_s': start - t0, **cpu,
+          'cpu_ms_per_sample': (None if cpu['own_cpu_s'] is None
+                                else 1e3 * cpu['own_cpu_s'] / (steps * batch))}
+
+
+class CopySampler:
+  """Returns one fixed sample (a copy each time): what moving a sample from a worker to
+  this process costs, without the sampling."""
+
+  def __init__(self, patch):
+    self.cases = {}
+    self.image = np.ones(tuple(patch) + (1,), np.float32)
+    self.label = np.ones(tuple(patch), np.int32)
+
+  def case_for(self, step, j):
+    return 'none'
+
+  def __call__(self, step, j):
+    return self.image.copy(), self.label.copy()
+
+
+def time_transport(patch, samples: int, shared: bool, meter) -> dict:
+  """CPU ms per sample (this process and its one worker) of moving ``patch``-sized samples
+  from a worker, through shared memory or pickled through a pipe."""
+  from medjax.data.host_workers import WorkerBatches
+  batches = WorkerBatches(CopySampler(patch), 0, samples + 1, slice(0, 1), 1,
+                          tuple(patch) + (1,), tuple(patch), shared_memory=shared)
+  next(batches)
+  pids = [os.getpid()] + batches.pids
+  meter.start(pids)
+  start = time.perf_counter()
+  for _ in range(samples):
+    next(batches)
+  elapsed = time.perf_counter() - start
+  cpu = meter.stop(pids)
+  batches.close()
+  return {'transport': 'shared memory' if shared else 'pipe (pickled)',
+          'patch': 'x'.join(map(str, patch)), 'samples': samples,
+          'cpu_ms_per_sample': (None if cpu['own_cpu_s'] is None
+                                else 1e3 * cpu['own_cpu_s'] / samples),
+          'wall_ms_per_sample': 1e3 * elapsed / samples}
 
 
 def pipeline_name(pipeline) -> str:
@@ -209,9 +254,9 @@ def main(argv=None) -> None:
         m = time_pipeline(cases, size_patch, size_batch, size_augment, steps, pipeline, meter)
         runs.setdefault((name, pipeline), []).append(m)
         print(f'repeat {repeat} {name} {pipeline_name(pipeline)}: '
-              f"{m['samples_per_s']:.2f} patches/s, other processes "
-              f"{m['other_cores'] if m['other_cores'] is None else round(m['other_cores'], 2)}"
-              ' cores', flush=True)
+              f"{m['samples_per_s']:.2f} patches/s; cores used by it {m['own_cores']}, by "
+              f"other processes {m['other_cores']}; CPU ms/patch {m['cpu_ms_per_sample']}",
+              flush=True)
   rows = []
   for name, _, source, size_patch, size_batch, _, steps in sizes:
     base = runs[(name, ('in-process', 1))]
@@ -220,6 +265,8 @@ def main(argv=None) -> None:
       ms = runs[(name, pipeline)]
       rates = [m['samples_per_s'] for m in ms]
       other = [m['other_cores'] for m in ms if m['other_cores'] is not None]
+      own = [m['own_cores'] for m in ms if m['own_cores'] is not None]
+      cpu_ms = [m['cpu_ms_per_sample'] for m in ms if m['cpu_ms_per_sample'] is not None]
       row = {'case': name, 'data': source, 'patch': 'x'.join(map(str, size_patch)),
              'batch': size_batch, 'timed_batches': steps, 'pipeline': pipeline_name(pipeline),
              'patches_per_s': statistics.median(rates), 'patches_per_s_runs': rates,
@@ -227,6 +274,8 @@ def main(argv=None) -> None:
              'vs_in_process': statistics.median(
                  r / b['samples_per_s'] for r, b in zip(rates, base)),
              'startup_s': statistics.median(m['startup_s'] for m in ms),
+             'own_cores': statistics.median(own) if own else None,
+             'cpu_ms_per_patch': statistics.median(cpu_ms) if cpu_ms else None,
              'other_cores': statistics.median(other) if other else None}
       if pipeline[0] == 'host_workers' and one_worker:
         row['vs_one_worker'] = statistics.median(
@@ -236,16 +285,23 @@ def main(argv=None) -> None:
                      ('pipeline', 'pipeline', ''), ('patches_per_s', 'patches/s', '.2f'),
                      ('vs_in_process', 'x in-process', '.2f'),
                      ('vs_one_worker', 'x 1 worker', '.2f'), ('startup_s', 'start-up s', '.1f'),
-                     ('other_cores', 'other cores', '.2f')])
+                     ('own_cores', 'own cores', '.2f'), ('other_cores', 'other cores', '.2f'),
+                     ('cpu_ms_per_patch', 'CPU ms/patch', '.0f')])
+  transport = [time_transport(size[3], 10 if args.tiny else n, shared, meter)
+               for size, n in ((big, 40), (small, 400)) for shared in (True, False)]
+  print_table(transport, [('transport', 'worker -> main', ''), ('patch', 'patch', ''),
+                          ('cpu_ms_per_sample', 'CPU ms/sample', '.2f'),
+                          ('wall_ms_per_sample', 'wall ms/sample', '.2f')])
   load_end = os.getloadavg() if hasattr(os, 'getloadavg') else None
   print(f'load average (1, 5, 15 min) at start {load_start}, at end {load_end}; '
         f'{meter.cores} usable cores')
-  write_results(args.out, rows, repeats=repeats, usable_cores=meter.cores,
+  write_results(args.out, rows, transport=transport, repeats=repeats, usable_cores=meter.cores,
                 load_average_start=load_start, load_average_end=load_end,
                 description=(
                     'Patches/s of the segmentation sampler (medians over repeats; the pipelines '
-                    'take turns within each repeat). "other cores": CPU used by other '
-                    'processes during the timing.'))
+                    'take turns within each repeat). "own cores": CPU seconds per wall second '
+                    'of this process and its workers; "other cores": of all other processes, '
+                    'during the timing.'))
   scratch.cleanup()
 
 

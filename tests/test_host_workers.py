@@ -125,8 +125,10 @@ def test_worker_batches_are_bit_identical_to_in_process_ones(tmp_path):
     np.testing.assert_array_equal(y, y_ref)
   # The exhausted iterator has stopped its workers.
   assert batches.closed and _gone(pids)
-  # Resumed at step 2, as process 1 of 2 (rows 3..5 of each global batch), with one worker.
-  part = list(_sampler(cases, 1).batches(2, 4, process_index=1, process_count=2))
+  # Resumed at step 2, as process 1 of 2 (rows 3..5 of each global batch), with one worker,
+  # the samples pickled through a pipe instead of shared memory.
+  part = list(host_workers.WorkerBatches(_sampler(cases, 1), 2, 4, slice(3, 6), 1,
+                                         (16, 20, 16, 1), (16, 20, 16), shared_memory=False))
   assert len(part) == 2
   for (x, y), (x_ref, y_ref) in zip(part, reference[2:]):
     np.testing.assert_array_equal(x, x_ref[3:])
@@ -138,10 +140,11 @@ def test_workers_stop_when_the_iterator_is_closed_raises_or_is_dropped(tmp_path)
   cases = _cases(tmp_path)
   with pytest.raises(KeyError):
     with _sampler(cases, 2).batches(0, 50) as batches:
-      pids = batches.pids
+      pids, memory = batches.pids, batches.slots.name
+      assert os.path.exists(f'/dev/shm/{memory}')
       next(batches)
       raise KeyError('the training loop failed')
-  assert _gone(pids)
+  assert _gone(pids) and not os.path.exists(f'/dev/shm/{memory}')
   batches = _sampler(cases, 1).batches(0, 50)
   pids = batches.pids
   next(batches)

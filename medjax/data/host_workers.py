@@ -8,7 +8,9 @@ so they are bit-identical to the in-process ones (tested), resume and process sh
 
 Cases that are memory-mapped ``.npy`` files (the prepared cache) reach the workers as their file
 name and layout and are reopened there, never copied; arrays in memory (pseudo-labels, the zero
-labels of unlabelled cases) are pickled to each worker once, when it starts.
+labels of unlabelled cases) are pickled to each worker once, when it starts. The samples come
+back through a block of shared memory (one slot per sample in flight), not pickled through a
+pipe, when /dev/shm has room for it.
 
 Lifetime: workers are started with 'spawn' (forking after TensorFlow's and JAX's threads have
 started is unsafe), are daemonic, ignore SIGINT (the main process stops them) and exit by
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import mmap
 import multiprocessing
 import multiprocessing.connection
@@ -29,7 +32,8 @@ import queue
 import signal
 import threading
 import weakref
-from typing import Any, Dict, List, Tuple
+from multiprocessing import shared_memory as shared_memory_lib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -130,25 +134,69 @@ def _failure(sampler, step: int, j: int, error: BaseException) -> str:
   return f'sampling case {case} (step {step}, sample {j}) failed in a host worker: {text}'
 
 
-def _worker_main(sampler, tasks, results) -> None:
-  """A worker's loop: ``(index, step, j)`` in, ``(index, (image, label), None)`` or
-  ``(index, None, one-line error)`` out; ``None`` ends it."""
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """``count`` places for one sample each (image float32, label int32) in one shared-memory
+  block named ``name``: a worker writes its sample into the slot of the task and the main
+  process copies it out, so a sample's bytes are copied once each way instead of being
+  pickled through a pipe (measured: 92 ms of CPU per 128^3 sample through the pipe)."""
+  name: str
+  count: int
+  image_shape: Tuple[int, ...]
+  label_shape: Tuple[int, ...]
+
+  @staticmethod
+  def nbytes(count: int, image_shape, label_shape) -> int:
+    return count * 4 * (math.prod(image_shape) + math.prod(label_shape))
+
+  def views(self, memory) -> Tuple[np.ndarray, np.ndarray]:
+    """(images ``[count, *image_shape]``, labels ``[count, *label_shape]``) in ``memory``."""
+    images = np.ndarray((self.count,) + self.image_shape, np.float32, memory.buf)
+    labels = np.ndarray((self.count,) + self.label_shape, np.int32, memory.buf,
+                        images.nbytes)
+    return images, labels
+
+
+def shared_memory_room() -> Optional[int]:
+  """Free bytes of /dev/shm (containers often give it 64 MB); None where there is none."""
+  try:
+    stats = os.statvfs('/dev/shm')
+  except (OSError, AttributeError):
+    return None
+  return stats.f_bavail * stats.f_frsize
+
+
+def _worker_main(sampler, tasks, results, slots: Optional[Slots]) -> None:
+  """A worker's loop: ``(index, step, j)`` in; out ``(index, None, None)`` with the sample in
+  its slot (``index % slots.count``), or ``(index, (image, label), None)`` without slots, or
+  ``(index, None, one-line error)``; ``None`` ends it."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
   _exit_with_parent()
   reopen_cases(sampler)
+  if slots is not None:
+    memory = shared_memory_lib.SharedMemory(slots.name)
+    images, labels = slots.views(memory)
   while True:
     task = tasks.get()
     if task is None:
       return
     index, step, j = task
     try:
-      results.put((index, sampler(step, j), None))
+      image, label = sampler(step, j)
+      if slots is None:
+        results.put((index, (image, label), None))
+        continue
+      slot = index % slots.count
+      np.copyto(images[slot], image, casting='safe')  # no silent change of the numbers
+      np.copyto(labels[slot], label, casting='safe')
+      results.put((index, None, None))
     except Exception as e:  # noqa: BLE001 - reported to the main process, which raises
       results.put((index, None, _failure(sampler, step, j, e)))
 
 
-def _terminate(processes: List, queues: List) -> None:
-  """Stops the workers (their unfinished samples are not needed) and frees the queues."""
+def _terminate(processes: List, queues: List, memory) -> None:
+  """Stops the workers (their unfinished samples are not needed), frees the queues and
+  removes the shared memory."""
   for p in processes:
     if p.is_alive():
       p.terminate()
@@ -160,18 +208,27 @@ def _terminate(processes: List, queues: List) -> None:
   for q in queues:
     q.cancel_join_thread()  # never block on tasks no worker will read
     q.close()
+  if memory is not None:
+    try:
+      memory.close()
+    except BufferError:  # views still exist (garbage collection): freed with them
+      pass
+    memory.unlink()
 
 
 class WorkerBatches:
-  """This process's rows of steps ``[start_step, num_steps)`` as ``(images [B, *patch, C]
-  float32, labels [B, *patch] int32)``, drawn by ``workers`` processes.
+  """This process's rows of steps ``[start_step, num_steps)`` as ``(images [B, *image_shape]
+  float32, labels [B, *label_shape] int32)``, drawn by ``workers`` processes.
 
   ``B = rows.stop - rows.start``; at most ``prefetch_batches`` batches beyond the one being
-  consumed are in flight (and never fewer than two samples per worker).
+  consumed are in flight (and never fewer than two samples per worker). Samples come back
+  through shared memory when /dev/shm has room for them (twice over), else through a pipe
+  (``shared_memory`` forces either).
   """
 
   def __init__(self, sampler, start_step: int, num_steps: int, rows: slice, workers: int,
-               prefetch_batches: int = 2):
+               image_shape: Sequence[int], label_shape: Sequence[int],
+               prefetch_batches: int = 2, shared_memory: Optional[bool] = None):
     if workers < 1:
       raise ValueError(f'WorkerBatches needs at least one worker, got {workers}')
     self.sampler = sampler
@@ -179,17 +236,27 @@ class WorkerBatches:
     self.row_start, self.batch = rows.start, rows.stop - rows.start
     self.total = max(0, num_steps - start_step) * self.batch
     self.window = max(2 * workers, (prefetch_batches + 1) * self.batch)
+    self.image_shape, self.label_shape = tuple(image_shape), tuple(label_shape)
     self.submitted = self.consumed = 0
-    self.received: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+    self.received: Dict[int, Any] = {}
+    nbytes = Slots.nbytes(self.window, self.image_shape, self.label_shape)
+    if shared_memory is None:
+      room = shared_memory_room()
+      shared_memory = room is None or room >= 2 * nbytes
+    memory, self.slots = None, None
+    if shared_memory:
+      memory = shared_memory_lib.SharedMemory(create=True, size=max(nbytes, 1))
+      self.slots = Slots(memory.name, self.window, self.image_shape, self.label_shape)
+      self.slot_images, self.slot_labels = self.slots.views(memory)
     context = multiprocessing.get_context('spawn')
     self.tasks, self.results = context.Queue(), context.Queue()
     twin = portable(sampler)
-    self.processes = [context.Process(target=_worker_main, args=(twin, self.tasks, self.results),
-                                      name=f'medjax-host-worker-{k}', daemon=True)
-                      for k in range(workers)]
+    self.processes = [
+        context.Process(target=_worker_main, args=(twin, self.tasks, self.results, self.slots),
+                        name=f'medjax-host-worker-{k}', daemon=True) for k in range(workers)]
     # Stops the workers when this iterator is garbage-collected or at interpreter exit, too.
     self.finalizer = weakref.finalize(self, _terminate, self.processes,
-                                      [self.tasks, self.results])
+                                      [self.tasks, self.results], memory)
     for p in self.processes:
       p.start()
     self.fill()
@@ -204,6 +271,7 @@ class WorkerBatches:
 
   def close(self) -> None:
     """Stops the workers now; idempotent."""
+    self.slot_images = self.slot_labels = None  # no view may outlive the shared memory
     self.finalizer()
 
   def __enter__(self) -> 'WorkerBatches':
@@ -220,6 +288,7 @@ class WorkerBatches:
     return self.start_step + index // self.batch, self.row_start + index % self.batch
 
   def fill(self) -> None:
+    # A slot is reused by task i + window only once task i's batch has been copied out.
     while self.submitted < min(self.total, self.consumed + self.window):
       self.tasks.put((self.submitted,) + self.task(self.submitted))
       self.submitted += 1
@@ -231,17 +300,23 @@ class WorkerBatches:
       self.close()
       raise StopIteration
     indices = range(self.consumed, self.consumed + self.batch)
+    images = np.empty((self.batch,) + self.image_shape, np.float32)
+    labels = np.empty((self.batch,) + self.label_shape, np.int32)
     try:
-      samples = [self.wait_for(i, indices) for i in indices]
+      for row, index in enumerate(indices):
+        sample = self.wait_for(index, indices)
+        if self.slots is not None:
+          sample = (self.slot_images[index % self.slots.count],
+                    self.slot_labels[index % self.slots.count])
+        images[row], labels[row] = sample
     except BaseException:  # a worker's error, Ctrl-C: stop the workers before raising
       self.close()
       raise
     self.consumed += self.batch
     self.fill()
-    return (np.stack([image for image, _ in samples]),
-            np.stack([label for _, label in samples]))
+    return images, labels
 
-  def wait_for(self, index: int, batch_indices) -> Tuple[np.ndarray, np.ndarray]:
+  def wait_for(self, index: int, batch_indices) -> Any:
     while index not in self.received:
       try:
         got, sample, error = self.results.get(timeout=POLL_S)
@@ -262,4 +337,3 @@ class WorkerBatches:
             f'host worker process {p.pid} ended unexpectedly (exit code {p.exitcode}; -9: '
             f'killed, e.g. out of memory) while step {self.task(batch_indices[0])[0]} was '
             f'drawn (its cases {", ".join(map(repr, cases))})')
-

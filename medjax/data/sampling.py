@@ -318,15 +318,16 @@ class SegmentationSampler:
     (``num_workers`` parallel calls; 0 = tf.data's default, about one per core)."""
     from medjax.data.pipeline import local_rows
     rows = local_rows(self.global_batch, process_index, process_count)
+    channels = next(iter(self.cases.values()))[0].shape[-1] * (2 * self.slice_context + 1)
     if self.host_workers:
       return host_workers_lib.WorkerBatches(self, start_step, num_steps, rows,
-                                            self.host_workers)
+                                            self.host_workers, self.patch_size + (channels,),
+                                            self.patch_size)
     import tensorflow as tf
     from medjax.data.pipeline import numpy_batches
     steps = np.arange(start_step, num_steps)
     js = np.arange(rows.start, rows.stop)
     pairs = np.stack(np.meshgrid(steps, js, indexing='ij'), -1).reshape(-1, 2).astype(np.int64)
-    channels = next(iter(self.cases.values()))[0].shape[-1] * (2 * self.slice_context + 1)
 
     def load(pair):
       def fn(p):
