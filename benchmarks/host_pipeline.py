@@ -19,7 +19,9 @@ cores (CPU seconds / wall seconds): about 1 for a pipeline held to one core by t
 N workers can only reach N x if C - other >= N. ``CPU ms/patch``: CPU time of this process and
 its workers per patch, what each pipeline costs whatever the load. A last table times only
 the move of a sample from a worker to this process (a sampler that copies one fixed sample),
-through shared memory and pickled through a pipe.
+through shared memory and pickled through a pipe; and one the share of the sampler's CPU time
+spent in scipy.ndimage's C functions, which release the GIL, with the speed-up that bounds
+for threads (tf.data's parallel calls): load-independent, from CPU time.
 
   python benchmarks/host_pipeline.py [--repeats 3] [--workers 1,2]
 """
@@ -162,6 +164,39 @@ def time_pipeline(cases, patch, batch, augment, steps, pipeline, meter) -> dict:
                                 else 1e3 * cpu['own_cpu_s'] / (steps * batch))}
 
 
+def gil_free_share(sampler, samples: int) -> dict:
+  """The share of the sampler's CPU time spent inside scipy.ndimage's C functions, which
+  release the GIL (interpolation, filters, zoom), from the CPU time of this thread: a lower
+  bound of what threads can run side by side (NumPy's array loops release it too). Measured
+  by CPU time, it does not depend on the machine's load. With a share ``p`` held by no lock,
+  ``N`` threads are bounded by ``1 / ((1 - p) + p / N)`` times one (Amdahl)."""
+  import sys
+  start = time.thread_time()
+  for k in range(samples):
+    sampler(k, k % sampler.global_batch)
+  total = time.thread_time() - start
+  free, began = [0.0], []
+
+  def profile(frame, event, arg):
+    if getattr(arg, '__module__', None) != 'scipy.ndimage._nd_image':
+      return
+    if event == 'c_call':
+      began.append(time.thread_time())
+    elif event in ('c_return', 'c_exception'):
+      free[0] += time.thread_time() - began.pop()
+
+  sys.setprofile(profile)
+  try:
+    for k in range(samples):
+      sampler(k, k % sampler.global_batch)
+  finally:
+    sys.setprofile(None)
+  share = min(1.0, free[0] / total)
+  return {'cpu_ms_per_sample': 1e3 * total / samples, 'gil_free_share': share,
+          'two_threads_at_most': 1 / ((1 - share) + share / 2),
+          'many_threads_at_most': 1 / (1 - share) if share < 1 else float('inf')}
+
+
 class CopySampler:
   """Returns one fixed sample (a copy each time): what moving a sample from a worker to
   this process costs, without the sampling."""
@@ -295,7 +330,17 @@ def main(argv=None) -> None:
   load_end = os.getloadavg() if hasattr(os, 'getloadavg') else None
   print(f'load average (1, 5, 15 min) at start {load_start}, at end {load_end}; '
         f'{meter.cores} usable cores')
-  write_results(args.out, rows, transport=transport, repeats=repeats, usable_cores=meter.cores,
+  gil = []
+  for name, cases, _, size_patch, size_batch, size_augment, _ in sizes:
+    sampler = sampling.SegmentationSampler(cases, size_patch, size_batch, seed=0,
+                                           augment=size_augment)
+    gil.append({'case': name, **gil_free_share(sampler, 4 if args.tiny else
+                                                 (8 if name == 'nnunet_128' else 80))})
+  print_table(gil, [('case', 'case', ''), ('cpu_ms_per_sample', 'CPU ms/patch', '.1f'),
+                    ('gil_free_share', 'share without GIL', '.2f'),
+                    ('two_threads_at_most', '2 threads at most', '.2f'),
+                    ('many_threads_at_most', 'threads at most', '.2f')])
+  write_results(args.out, rows, transport=transport, gil=gil, repeats=repeats, usable_cores=meter.cores,
                 load_average_start=load_start, load_average_end=load_end,
                 description=(
                     'Patches/s of the segmentation sampler (medians over repeats; the pipelines '
