@@ -166,10 +166,10 @@ def time_pipeline(cases, patch, batch, augment, steps, pipeline, meter) -> dict:
 
 def gil_free_share(sampler, samples: int) -> dict:
   """The share of the sampler's CPU time spent inside scipy.ndimage's C functions, which
-  release the GIL (interpolation, filters, zoom), from the CPU time of this thread: a lower
-  bound of what threads can run side by side (NumPy's array loops release it too). Measured
-  by CPU time, it does not depend on the machine's load. With a share ``p`` held by no lock,
-  ``N`` threads are bounded by ``1 / ((1 - p) + p / N)`` times one (Amdahl)."""
+  release the GIL (interpolation, filters, zoom), from the CPU time of this thread: a floor
+  of what threads can run side by side (NumPy's array loops release it too). Measured by CPU
+  time, it does not depend on the machine's load. If the rest holds the GIL, ``N`` threads
+  are bounded by ``1 / ((1 - p) + p / N)`` times one (Amdahl); the true bound is higher."""
   import sys
   start = time.thread_time()
   for k in range(samples):
@@ -193,8 +193,8 @@ def gil_free_share(sampler, samples: int) -> dict:
     sys.setprofile(None)
   share = min(1.0, free[0] / total)
   return {'cpu_ms_per_sample': 1e3 * total / samples, 'gil_free_share': share,
-          'two_threads_at_most': 1 / ((1 - share) + share / 2),
-          'many_threads_at_most': 1 / (1 - share) if share < 1 else float('inf')}
+          'two_threads_bound': 1 / ((1 - share) + share / 2),
+          'any_threads_bound': 1 / (1 - share) if share < 1 else float('inf')}
 
 
 class CopySampler:
@@ -338,8 +338,8 @@ def main(argv=None) -> None:
                                                  (8 if name == 'nnunet_128' else 80))})
   print_table(gil, [('case', 'case', ''), ('cpu_ms_per_sample', 'CPU ms/patch', '.1f'),
                     ('gil_free_share', 'share without GIL', '.2f'),
-                    ('two_threads_at_most', '2 threads at most', '.2f'),
-                    ('many_threads_at_most', 'threads at most', '.2f')])
+                    ('two_threads_bound', '2 threads bound', '.2f'),
+                    ('any_threads_bound', 'any threads bound', '.2f')])
   write_results(args.out, rows, transport=transport, gil=gil, repeats=repeats, usable_cores=meter.cores,
                 load_average_start=load_start, load_average_end=load_end,
                 description=(

@@ -496,6 +496,15 @@ def throughput_page(results: Results) -> List[str]:
       ('transport', 'worker to main', ''), ('patch', 'patch', ''),
       ('cpu_ms_per_sample', 'CPU ms/sample', '.2f'),
       ('wall_ms_per_sample', 'wall ms/sample', '.2f')]))
+  blocks.append('The share of the sampler\'s CPU time inside scipy.ndimage\'s C functions, '
+                'which release the GIL (from CPU time, whatever the load), and the speed-up '
+                'threads could reach if the rest held it (Amdahl; NumPy\'s array loops release '
+                'it too, so the true bound is higher):')
+  blocks.append(markdown_table(data['gil'], [
+      ('case', 'case', ''), ('cpu_ms_per_sample', 'CPU ms/patch (this thread)', '.1f'),
+      ('gil_free_share', 'share without GIL', '.2f'),
+      ('two_threads_bound', '2 threads bound', '.2f'),
+      ('any_threads_bound', 'any threads bound', '.2f')]))
   load = lambda values: ', '.join(f'{v:.1f}' for v in values)  # noqa: E731
   blocks.append(f"Load average (1, 5, 15 min) {load(data['load_average_start'])} at the start, "
                 f"{load(data['load_average_end'])} at the end, on {data['usable_cores']} "

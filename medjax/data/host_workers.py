@@ -1,8 +1,11 @@
 """Segmentation training samples drawn by worker processes (``data.host_workers``).
 
-Why: the patch sampler (:mod:`medjax.data.sampling`) is NumPy/SciPy code; inside tf.data it runs
-through ``tf.numpy_function`` under Python's GIL, so its parallel calls share about one core.
-``N`` worker processes draw the samples side by side instead. Each sample is still
+Why: the patch sampler (:mod:`medjax.data.sampling`) is NumPy/SciPy code run by tf.data's
+threads through ``tf.numpy_function``; the parts of it that hold Python's GIL (up to a quarter
+of its CPU at 128^3, a third at 40x56x40: all but scipy.ndimage's C functions, measured by
+benchmarks/host_pipeline.py) run one at a time, so threads stop scaling after a few cores, and
+they compete with the training loop's own Python thread. ``N`` worker processes, each with its
+own interpreter, draw the samples side by side instead. Each sample is still
 ``sampler(step, j)``, a pure function of ``(seed, step, j)``, and the batches come out in order,
 so they are bit-identical to the in-process ones (tested), resume and process sharding included.
 
