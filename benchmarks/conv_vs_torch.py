@@ -13,6 +13,11 @@ Each measurement is the median of ``--reps`` timed repetitions after warm-up (co
 excluded); medjax and PyTorch are measured back to back for each case, so the ratio holds
 on a shared, noisy machine. Needs PyTorch: ``pip install -e ".[bench]"``.
 
+A layer or train step that does not fit in this machine's memory (XLA's memory analysis of
+the compiled program against the available RAM, or an out-of-memory error while it runs) is
+skipped with its reason, printed and written to the JSON as ``{"case": ..., "skipped": ...}``;
+the other cases still run and are written.
+
 The 3D ResNet-18 at batch 32 with XLA's convolutions takes minutes per layer and per step,
 so its case runs at a smaller batch and goes to its own file. The committed results:
 
@@ -41,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from medjax.models import build_model, conv as conv_lib
-from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
+from results_table import (check_fits, print_skipped, print_table, run_case,
+                           write_results)  # benchmarks/ is on sys.path when run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -123,6 +129,15 @@ def _jax_layer_fn(layer: Dict, impl: str):
   return jax.jit(jax.grad(lambda x, w, g: jnp.vdot(f(x, w), g), argnums=(0, 1)))
 
 
+def layer_name(layer: Dict) -> str:
+  """E.g. ``conv 3x3/2 64->128 @28x28 b128``."""
+  b, spatial, cin = layer['input'][0], layer['input'][1:-1], layer['input'][-1]
+  k, s = layer['kernel'], layer['strides']
+  return (('convT ' if layer['transpose'] else 'conv ') + 'x'.join(map(str, k))
+          + (f"/{s[0]}" if s[0] > 1 else '') + f" {cin}->{layer['cout']} "
+          f"@{'x'.join(map(str, spatial))} b{b}")
+
+
 def bench_layer(layer: Dict, reps: int) -> Dict:
   nd = len(layer['input']) - 2
   b, spatial, cin = layer['input'][0], layer['input'][1:-1], layer['input'][-1]
@@ -137,10 +152,7 @@ def bench_layer(layer: Dict, reps: int) -> Dict:
     out = tuple(-(-n // st) for n, st in zip(spatial, s))
     flops = 2 * b * math.prod(out) * cin * cout * math.prod(k)
   g = jnp.asarray(rng.normal(size=(b,) + out + (cout,)), jnp.float32)
-  row = dict(model=layer['model'], count=layer['count'],
-             layer=('convT ' if layer['transpose'] else 'conv ') + 'x'.join(map(str, k))
-             + (f"/{s[0]}" if s[0] > 1 else '') + f" {cin}->{cout} @{'x'.join(map(str, spatial))}"
-             + f" b{b}")
+  row = dict(model=layer['model'], count=layer['count'], layer=layer_name(layer))
   if layer['transpose']:
     row['auto_impl'] = 'xla' if k != s or jax.default_backend() != 'cpu' else 'pointwise'
   else:
@@ -149,6 +161,7 @@ def bench_layer(layer: Dict, reps: int) -> Dict:
   warmup = 1 if nd == 3 else 2
   for impl in ('xla', 'auto'):
     fn = _jax_layer_fn(layer, impl)
+    check_fits(fn, x, w, g)
     secs = median_seconds(lambda: jax.block_until_ready(fn(x, w, g)), reps, warmup)
     row[f'{impl}_gflops'] = 3 * flops / secs / 1e9
   # PyTorch: channels first, input and weight gradients, as above.
@@ -298,6 +311,7 @@ def medjax_train_step(model_key: str, impl: str):
 
   state = [(params, stats, tx.init(params))]
   xj, yj = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+  check_fits(step, state[0], xj, yj)  # a step that cannot fit is skipped before it runs
 
   def run():
     state[0], loss = step(state[0], xj, yj)
@@ -344,7 +358,7 @@ def bench_step(model_key: str, reps: int) -> Dict:
   return row
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--part', choices=('all', 'layers', 'steps'), default='all')
@@ -356,7 +370,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=0,
                       help='override the batch size of every model, both parts (0: as listed)')
   parser.add_argument('--out', default=os.path.join(HERE, 'results', 'conv_vs_torch.json'))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   torch.set_num_threads(os.cpu_count() or 1)
   print(f'CPU: {cpu_model()}; {os.cpu_count()} cores; jax {jax.__version__} '
         f'({jax.default_backend()}), torch {torch.__version__} '
@@ -368,23 +382,26 @@ def main() -> None:
   if args.part in ('all', 'layers'):
     for key in args.models:
       print(f'layers of {key}:')
-      rows = [bench_layer(layer, args.reps) for layer in conv_layers(key)]
+      rows = [dict(run_case(layer_name(layer), bench_layer, layer, args.reps, key='layer'),
+                   model=key) for layer in conv_layers(key)]
       layers += rows
-      # The convolutions' share of a train step: each layer's time, times its count.
-      conv_seconds[key] = {impl: sum(r['count'] * r['gflop'] / r[f'{impl}_gflops'] for r in rows)
-                           for impl in ('xla', 'auto', 'torch')}
+      # The convolutions' share of a train step: each layer's time, times its count (when
+      # every layer could be timed).
+      if not any('skipped' in r for r in rows):
+        conv_seconds[key] = {impl: sum(r['count'] * r['gflop'] / r[f'{impl}_gflops']
+                                       for r in rows) for impl in ('xla', 'auto', 'torch')}
     print_table(layers, [('layer', 'layer', ''), ('count', 'n', 'd'), ('auto_impl', 'auto', ''),
                          ('xla_gflops', 'xla', '.1f'), ('auto_gflops', 'auto', '.1f'),
                          ('torch_gflops', 'torch', '.1f'), ('auto_vs_xla', 'auto/xla', '.2f'),
                          ('auto_vs_torch', 'auto/torch', '.2f')])
   if args.part in ('all', 'steps'):
     print('train steps:')
-    steps = [bench_step(key, args.reps) for key in args.cases]
+    steps = [run_case(key, bench_step, key, args.reps) for key in args.cases]
     for row in steps:
       # Time per step outside the convolutions (normalisation, activations, loss, optimizer),
       # when the same model's layers were timed in this run.
       for impl in ('xla', 'auto', 'torch'):
-        if row['case'] in conv_seconds:
+        if row['case'] in conv_seconds and 'skipped' not in row:
           row[f'{impl}_conv_s'] = conv_seconds[row['case']][impl]
           row[f'{impl}_other_s'] = row['batch'] / row[f'{impl}_per_s'] - row[f'{impl}_conv_s']
     print_table(steps, [('case', 'train step', ''), ('batch', 'batch', 'd'),
@@ -395,6 +412,8 @@ def main() -> None:
                         ('auto_other_s', 'auto other s', '.2f'),
                         ('torch_conv_s', 'torch conv s', '.2f'),
                         ('torch_other_s', 'torch other s', '.2f')])
+  print_skipped(layers, key='layer')
+  print_skipped(steps)
   write_results(args.out, layers + steps, cpu=cpu_model(), torch=torch.__version__,
                 torch_threads=torch.get_num_threads())
 

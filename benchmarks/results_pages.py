@@ -496,6 +496,39 @@ def throughput_page(results: Results) -> List[str]:
       ('samples_per_s_augmented', 'augmented samples/s', '.1f'),
       ('train_step_samples_per_s', 'train step samples/s', '.3g')]))
   blocks.append(f"Preparing the cases took {results[name]['prepare_s']:.1f} s.")
+  name = 'host_pipeline.json'
+  data = results[name]
+  blocks += section('Host input pipeline: worker processes', name, data,
+                    'Segmentation patches/s of the sampler in a plain loop, through tf.data '
+                    'threads (`data.host_workers=0`) and in worker processes '
+                    '(`data.host_workers=N`), medians of interleaved repeats; "own cores": CPU '
+                    'seconds per wall second of the pipeline\'s processes, "other cores": of '
+                    'everything else on the machine meanwhile.')
+  blocks.append(markdown_table(data['results'], [
+      ('case', 'case', ''), ('patch', 'patch', ''), ('batch', 'batch', ''),
+      ('pipeline', 'pipeline', ''), ('patches_per_s', 'patches/s', '.2f'),
+      ('vs_in_process', 'x in-process', '.2f'), ('vs_one_worker', 'x 1 worker', '.2f'),
+      ('startup_s', 'start-up s', '.1f'), ('own_cores', 'own cores', '.2f'),
+      ('other_cores', 'other cores', '.2f'), ('cpu_ms_per_patch', 'CPU ms/patch', '.0f')]))
+  blocks.append('Moving one sample from a worker to the training process (a sampler that '
+                'copies a fixed sample), CPU of both processes:')
+  blocks.append(markdown_table(data['transport'], [
+      ('transport', 'worker to main', ''), ('patch', 'patch', ''),
+      ('cpu_ms_per_sample', 'CPU ms/sample', '.2f'),
+      ('wall_ms_per_sample', 'wall ms/sample', '.2f')]))
+  blocks.append('The share of the sampler\'s CPU time inside scipy.ndimage\'s C functions, '
+                'which release the GIL (from CPU time, whatever the load), and the speed-up '
+                'threads could reach if the rest held it (Amdahl; NumPy\'s array loops release '
+                'it too, so the true bound is higher):')
+  blocks.append(markdown_table(data['gil'], [
+      ('case', 'case', ''), ('cpu_ms_per_sample', 'CPU ms/patch (this thread)', '.1f'),
+      ('gil_free_share', 'share without GIL', '.2f'),
+      ('two_threads_bound', '2 threads bound', '.2f'),
+      ('any_threads_bound', 'any threads bound', '.2f')]))
+  load = lambda values: ', '.join(f'{v:.1f}' for v in values)  # noqa: E731
+  blocks.append(f"Load average (1, 5, 15 min) {load(data['load_average_start'])} at the start, "
+                f"{load(data['load_average_end'])} at the end, on {data['usable_cores']} "
+                'usable cores.')
   name = 'pipeline_autotune.json'
   blocks += section('tf.data autotuning', name, results[name],
                     'medjax turns tf.data\'s autotuning thread off: dropping an unfinished '
@@ -584,7 +617,8 @@ PAGES = [
     Page('throughput.md', 'Throughput',
          'Images, patches and steps per second of the input pipelines and train steps.',
          ['seeds_throughput.json', 'train_throughput.json', 'volume_pipeline.json',
-          'pipeline_autotune.json', 'unet_upsampling.json'], throughput_page),
+          'host_pipeline.json', 'pipeline_autotune.json', 'unet_upsampling.json'],
+         throughput_page),
     Page('fault_injection.md', 'Fault injection',
          '`benchmarks/fault_injection.py` kills `medjax train` with SIGKILL at random moments '
          'and inside checkpoint writes, resumes each time, and checks that the finished workdir '

@@ -1,14 +1,17 @@
-"""What the benchmarks share: timing a compiled step, and at the end printing the rows as a
-table and writing them as JSON with a description of the machine (so numbers from different
-machines are not confused). The same column specs give the Markdown tables of
-``docs/results/`` (``results_pages.py``)."""
+"""What the benchmarks share: timing a compiled step, skipping a case that does not fit in
+the machine's memory (with its reason, so the other cases still run and are written), and at
+the end printing the rows as a table and writing them as JSON with a description of the
+machine (so numbers from different machines are not confused). The same column specs give the
+Markdown tables of ``docs/results/`` (``results_pages.py``)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 # (row key, column header, format spec); a missing value prints as nan. A value that is a
 # ``{'mean', 'sd'}`` dict prints as ``mean ± sd``, each with the spec.
@@ -29,6 +32,85 @@ def seconds_per_step(step, state, *args, steps: int, warmup: int = 1) -> float:
     state, out = step(state, *args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / steps
+
+
+class DoesNotFit(Exception):
+  """A benchmark case that needs more memory than this machine has; the message says why."""
+
+
+def available_memory_bytes() -> Optional[int]:
+  """Memory the kernel can give a new allocation without swapping (Linux ``MemAvailable``);
+  None where unknown."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def program_bytes(stats) -> int:
+  """What a compiled XLA program needs at once, from its ``memory_analysis()``: the peak
+  where XLA reports one, else arguments + outputs + temporaries - aliased buffers."""
+  peak = getattr(stats, 'peak_memory_in_bytes', 0) or 0
+  return peak or (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                  + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def check_fits(jitted, *args, share: float = 0.9) -> None:
+  """Compiles ``jitted`` for ``args`` ahead of time (the later calls reuse the compilation)
+  and raises :class:`DoesNotFit` when XLA's memory analysis of the program exceeds ``share``
+  of the available memory: such a case is skipped before it runs, instead of failing midway
+  or drawing the kernel's OOM killer onto the whole benchmark."""
+  stats = jitted.lower(*args).compile().memory_analysis()
+  available = available_memory_bytes()
+  if stats is None or available is None:
+    return
+  need = program_bytes(stats)
+  if need > share * available:
+    raise DoesNotFit(f'needs {need / 2**30:.1f} GiB (XLA memory analysis of the compiled '
+                     f'step), {available / 2**30:.1f} GiB available')
+
+
+def out_of_memory_reason(error: BaseException) -> Optional[str]:
+  """One line saying why a case did not fit, if ``error`` is running out of memory (XLA's
+  RESOURCE_EXHAUSTED, MemoryError, PyTorch's allocator, :class:`DoesNotFit`); else None."""
+  if isinstance(error, DoesNotFit):
+    return str(error)
+  text = str(error)
+  if not (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in text or re.search(
+      r"out of memory|not enough memory|can't allocate memory", text, re.I)):
+    return None
+  asked = re.search(r'allocating (\d+) bytes', text)
+  if asked:
+    return (f'out of memory: asked for {int(asked.group(1)) / 2**30:.1f} GiB '
+            f'({"RESOURCE_EXHAUSTED" if "RESOURCE_EXHAUSTED" in text else type(error).__name__})')
+  first = (text.strip().splitlines() or [type(error).__name__])[0]
+  return f'out of memory: {first[:200]}'
+
+
+def run_case(name: str, measure: Callable[..., Dict], *args, key: str = 'case',
+             **kwargs) -> Dict:
+  """``measure(*args, **kwargs)``'s row, or ``{key: name, 'skipped': reason}`` when the case
+  runs out of memory (any other error propagates): the benchmark goes on with the next case
+  and the JSON records why this one is missing."""
+  try:
+    return measure(*args, **kwargs)
+  except Exception as e:  # noqa: BLE001 - only running out of memory is caught, see below
+    reason = out_of_memory_reason(e)
+    if reason is None:
+      raise
+  gc.collect()  # the failed case's buffers, now unreferenced
+  print(f'  {name}: skipped, {reason}', flush=True)
+  return {key: name, 'skipped': reason}
+
+
+def print_skipped(rows: List[Dict], key: str = 'case') -> None:
+  for r in rows:
+    if 'skipped' in r:
+      print(f"skipped {r.get(key)}: {r['skipped']}")
 
 
 def share_of_gap(value: float, base: float, ceiling: float) -> Optional[float]:

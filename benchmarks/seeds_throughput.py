@@ -21,7 +21,8 @@ import numpy as np
 from medjax import config as config_lib, seeds as seeds_lib
 from medjax.experiments import ClassificationExperiment
 from medjax.train import Member
-from results_table import print_table, seconds_per_step, write_results  # benchmarks/ is on sys.path when run
+from results_table import (print_skipped, print_table, run_case, seconds_per_step,
+                           write_results)  # benchmarks/ is on sys.path when run
 from train_throughput import _data
 
 CASES = {
@@ -68,13 +69,15 @@ def main() -> None:
   for name in args.cases.split(','):
     for program in args.programs.split(','):
       for n in (int(k) for k in args.seeds.split(',')):
-        rows.append(bench(name, n, args.steps, tmp, program))
+        rows.append(dict(run_case(f'{name} {program} N={n}', bench, name, n, args.steps, tmp,
+                                  program), case=name, program=program, seeds=n))
         print(rows[-1], flush=True)
   print_table(rows, [('case', 'case', 's'), ('program', 'program', 's'), ('seeds', 'N', 'd'),
                      ('batch_per_seed', 'batch/seed', 'd'),
                      ('sequential_img_s', 'N runs img/s', '.1f'),
                      ('one_program_img_s', 'one program img/s', '.1f'),
                      ('speedup', 'speed-up', '.2f')])
+  print_skipped(rows, key='case')
   write_results(args.out, rows)
 
 

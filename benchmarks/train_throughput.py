@@ -20,7 +20,8 @@ import numpy as np
 from medjax import config as config_lib
 from medjax.data import ClassificationData, pipeline
 from medjax.experiments import ClassificationExperiment
-from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
+from results_table import (print_skipped, print_table, run_case,
+                           write_results)  # benchmarks/ is on sys.path when run
 
 CASES = {
     # name: (model config, image shape, global batch)
@@ -95,11 +96,12 @@ def main() -> None:
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results',
                                                     'train_throughput.json'))
   args = parser.parse_args()
-  rows = [bench_train_step(c, args.steps) for c in args.cases]
+  rows = [run_case(c, bench_train_step, c, args.steps) for c in args.cases]
   rows += [bench_pipeline(False), bench_pipeline(True)]
   print_table(rows, [('case', 'case', ''), ('batch', 'batch', 'd'),
                      ('compile_s', 'compile s', '.1f'), ('step_ms_median', 'step ms', '.1f'),
                      ('images_per_s', 'images/s', '.1f')])
+  print_skipped(rows)
   write_results(args.out, rows)
 
 if __name__ == '__main__':

@@ -21,7 +21,8 @@ import optax
 
 from medjax import inference, seg_losses
 from medjax.models import build_model
-from results_table import print_table, write_results  # benchmarks/ is on sys.path when run
+from results_table import (check_fits, print_skipped, print_table, run_case,
+                           write_results)  # benchmarks/ is on sys.path when run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = [('unet3d_40x56x40', (40, 56, 40), 2), ('unet2d_256x256', (256, 256), 4)]
@@ -50,6 +51,7 @@ def bench(patch, batch, upsample, steps):
   step = make_train_step(model, tx)
   state = (params, tx.init(params))
   t0 = time.perf_counter()
+  check_fits(step, state, x, y)  # a case too large for this machine is skipped, with why
   state, loss = step(state, x, y)
   jax.block_until_ready(loss)
   compile_s = time.perf_counter() - t0
@@ -77,12 +79,16 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--out', default=os.path.join(HERE, 'results', 'unet_upsampling.json'))
   args = parser.parse_args()
-  rows = [dict(case=name, **bench(patch, batch, up, args.steps))
-          for name, patch, batch in CASES for up in ('transpose', 'resize')]
+  rows = []
+  for name, patch, batch in CASES:
+    for up in ('transpose', 'resize'):
+      row = run_case(f'{name} {up}', bench, patch, batch, up, args.steps)
+      rows.append({'case': name, 'upsample': up, **{k: v for k, v in row.items() if k != 'case'}})
   print_table(rows, [('case', 'case', ''), ('upsample', 'upsample', ''), ('batch', 'batch', 'd'),
                      ('compile_s', 'compile s', '.1f'), ('train_step_s', 'step s', '.2f'),
                      ('train_samples_per_s', 'samples/s', '.2f'),
                      ('inference_s', 'infer s', '.2f')])
+  print_skipped(rows)
   write_results(args.out, rows)
 
 if __name__ == '__main__':

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from medjax.data import prepare, sampling
-from results_table import print_table, seconds_per_step, write_results  # benchmarks/ is on sys.path when run
+from results_table import (DoesNotFit, check_fits, out_of_memory_reason, print_table,
+                           seconds_per_step, write_results)  # benchmarks/ is on sys.path
 from unet_upsampling import make_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +58,7 @@ def time_train_step(patch, batch, steps=3, upsample='transpose') -> float:
   tx = optax.adam(1e-3)
   state = (params, tx.init(params))
   step = make_train_step(model, tx)
+  check_fits(step, state, x, y)
   return batch / seconds_per_step(step, state, x, y, steps=steps)
 
 
@@ -85,7 +87,13 @@ def main() -> None:
     row['samples_per_s_augmented'] = time_pipeline(
         cases, patch, axis, batch, sampling.SegAugment.nnunet_like(), args.steps, args.workers)
     if not args.skip_train_step:
-      row['train_step_samples_per_s'] = time_train_step(patch, batch)
+      try:
+        row['train_step_samples_per_s'] = time_train_step(patch, batch)
+      except (DoesNotFit, RuntimeError, MemoryError) as e:  # too large for this machine
+        row['train_step_skipped'] = out_of_memory_reason(e)
+        if row['train_step_skipped'] is None:
+          raise
+        print(f"  {name} train step: skipped, {row['train_step_skipped']}")
     rows.append(row)
   print(f'\nprepare (200 cases, or reuse of the cache): {prepare_s:.1f} s')
   print_table(rows, [('case', 'case', ''), ('batch', 'batch', 'd'),

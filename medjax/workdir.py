@@ -93,7 +93,7 @@ def config_path(workdir: str) -> str:
 
 
 # Keys that say how this invocation runs, not what it computes: never compared on resume.
-RUN_CONTROL_KEYS = ('train.progress_bar', 'train.stop_after_steps')
+RUN_CONTROL_KEYS = ('train.progress_bar', 'train.stop_after_steps', 'data.host_workers')
 # Keys a resumed run may change when asked to (``--allow_change KEY``): the steps already
 # taken stay valid. (With a cosine or multi-step schedule a new num_epochs also moves the
 # learning rate of the steps to come; the change is recorded in config_history.jsonl.)

@@ -136,3 +136,78 @@ def test_a_stopped_run_ends_the_benchmark_cleanly_and_the_same_command_resumes(t
   assert cli.main(argv) == 0
   assert 'Resuming from checkpoint at step 1' in capsys.readouterr().out
   assert (tmp_path / 'bench' / 'benchmark.json').exists()
+
+
+def _benchmark_script(name: str):
+  """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
+  import importlib
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  return importlib.import_module(name)
+
+
+def test_a_case_out_of_memory_is_skipped_with_its_reason_and_the_rest_written(tmp_path,
+                                                                               monkeypatch):
+  """conv_vs_torch --part steps where the 3D ResNet-18 case runs out of memory (XLA's error,
+  injected): that case is recorded as skipped with why, the others are measured and written;
+  an error that is not about memory still stops the benchmark."""
+  pytest.importorskip('torch')
+  import jax
+  bench = _benchmark_script('conv_vs_torch')
+  measured = []
+
+  def fake_step(key, reps):
+    if key == 'resnet18_3d_28':
+      raise jax.errors.JaxRuntimeError(
+          'RESOURCE_EXHAUSTED: Out of memory allocating 32749125632 bytes.')
+    measured.append(key)
+    return {'case': key, 'batch': 2, 'xla_per_s': 1.0, 'auto_per_s': 2.0, 'torch_per_s': 4.0,
+            'auto_vs_xla': 2.0, 'auto_vs_torch': 0.5}
+
+  monkeypatch.setattr(bench, 'bench_step', fake_step)
+  out = tmp_path / 'steps.json'
+  bench.main(['--part', 'steps', '--cases', 'resnet18_28', 'resnet18_3d_28', 'unet2d_128',
+              '--out', str(out)])
+  rows = json.load(open(out))['results']
+  assert measured == ['resnet18_28', 'unet2d_128']
+  assert [r['case'] for r in rows] == ['resnet18_28', 'resnet18_3d_28', 'unet2d_128']
+  assert rows[1] == {'case': 'resnet18_3d_28',
+                     'skipped': 'out of memory: asked for 30.5 GiB (RESOURCE_EXHAUSTED)'}
+  assert rows[0]['auto_per_s'] == 2.0 and rows[2]['torch_per_s'] == 4.0
+
+  def broken_step(key, reps):
+    raise jax.errors.JaxRuntimeError('INVALID_ARGUMENT: a bug, not the machine')
+
+  monkeypatch.setattr(bench, 'bench_step', broken_step)
+  with pytest.raises(jax.errors.JaxRuntimeError, match='INVALID_ARGUMENT'):
+    bench.main(['--part', 'steps', '--cases', 'resnet18_28', '--out', str(tmp_path / 'x.json')])
+
+
+def test_a_program_larger_than_the_available_memory_is_skipped_before_it_runs(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  table = _benchmark_script('results_table')
+  step = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0))
+  x = jnp.ones((256, 256), jnp.float32)
+  need = table.program_bytes(step.lower(x).compile().memory_analysis())
+  assert need >= x.nbytes  # at least its argument
+  monkeypatch.setattr(table, 'available_memory_bytes', lambda: 2 * need)
+  table.check_fits(step, x)  # fits
+  monkeypatch.setattr(table, 'available_memory_bytes', lambda: need)  # 90 % of it does not
+  ran = []
+
+  def measure():
+    table.check_fits(step, x)
+    ran.append(True)
+    return {'case': 'big', 'per_s': 1.0}
+
+  row = table.run_case('big', measure)
+  assert not ran and set(row) == {'case', 'skipped'}
+  assert row['skipped'].startswith(f'needs {need / 2**30:.1f} GiB (XLA memory analysis')
+  for error, reason in ((MemoryError(), 'out of memory: MemoryError'),
+                        (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to "
+                                      "allocate 123 bytes."),
+                         'out of memory: DefaultCPUAllocator: not enough memory'),
+                        (ValueError('shapes do not match'), None)):
+    got = table.out_of_memory_reason(error)
+    assert got == reason if reason is None else got.startswith(reason)

@@ -91,6 +91,26 @@ def test_segmentation_resume_is_exact(seg_run):
 
 
 @pytest.mark.slow
+def test_host_worker_processes_train_the_same_run(seg_run):
+  """data.host_workers=2 (samples drawn by worker processes), stopped at step 4 and resumed
+  with one worker (how samples are drawn may change on resume): the same losses and
+  validation scores as the in-process run, and no worker left behind."""
+  import multiprocessing
+  workdir, config, results, tmp = seg_run
+  other = str(tmp / 'host_workers')
+  stopped = train_lib.train_and_evaluate(_config(
+      str(tmp / 'cache'), **{'data.host_workers': 2, 'train.stop_after_steps': 4}), other)
+  assert stopped == {'stopped_at_step': 4}
+  resumed = train_lib.train_and_evaluate(_config(str(tmp / 'cache'),
+                                                 **{'data.host_workers': 1}), other)
+  assert resumed['val']['per_case'] == results['val']['per_case']
+  losses = lambda w: [json.loads(l)['loss'] for l in open(os.path.join(w, 'metrics.jsonl'))  # noqa
+                      if json.loads(l)['split'] == 'train']
+  assert losses(other) == losses(workdir)
+  assert not multiprocessing.active_children()
+
+
+@pytest.mark.slow
 def test_predict_keeps_affine_for_reoriented_anisotropic_input(seg_run, tmp_path):
   workdir, _, _, _ = seg_run
   src = nib.load(shared_file('msd_hippocampus', 'imagesTr', 'hippocampus_004.nii.gz'))

@@ -19,7 +19,6 @@ from typing import Dict, NamedTuple, Tuple
 import numpy as np
 
 from medjax.data.dataset import SPLITS, ClassificationData
-from medjax.workdir import left_by_dead_processes
 
 
 class MedMNISTInfo(NamedTuple):
@@ -110,6 +109,8 @@ def md5sum(path: str) -> str:
 def _remove_stale_parts(target: str) -> None:
   """Deletes ``<target>.part-<pid>`` files of downloads whose process is gone (killed
   mid-download): they are never completed, only waste disk."""
+  from medjax.workdir import left_by_dead_processes  # here: workdir imports JAX, which the
+  # sampler's worker processes (medjax/data/host_workers.py) never need
   folder, name = os.path.split(target)
   for path in left_by_dead_processes(folder, re.escape(name) + r'\.part-(\d+)'):
     os.remove(path)

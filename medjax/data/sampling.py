@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from medjax import config as config_lib
+from medjax.data import host_workers as host_workers_lib
 from medjax.data.nifti import resample_to_shape
 
 
@@ -246,13 +247,15 @@ class SegmentationSampler:
     slice_context: with ``slice_axis``, this many neighbouring slices on each side join
       each slice as channels (2.5D, :func:`slice_with_context`); the label is the centre
       slice's.
+    host_workers: :meth:`batches` draws the samples in this many worker processes (0: in
+      this process through tf.data; -1: one per core), :mod:`medjax.data.host_workers`.
   """
 
   def __init__(self, cases: Dict[str, Tuple[np.ndarray, np.ndarray, Dict]],
                patch_size: Sequence[int], global_batch: int, seed: int,
                foreground_fraction: float = 1 / 3, augment: SegAugment = SegAugment(),
                slice_axis: Optional[int] = None, skip_empty_slices: bool = False,
-               slice_context: int = 0):
+               slice_context: int = 0, host_workers: int = 0):
     if not cases:
       raise ValueError('no training cases')
     if slice_context and slice_axis is None:
@@ -266,6 +269,7 @@ class SegmentationSampler:
     self.num_foreground = foreground_count(global_batch, foreground_fraction)
     self.augment = augment
     self.slice_axis = slice_axis
+    self.host_workers = host_workers_lib.worker_count(host_workers)
     if slice_axis is not None:
       self.slices = {}
       for cid in self.case_ids:
@@ -301,16 +305,29 @@ class SegmentationSampler:
                                            self.slice_context)
     return sample(image, label, locations, self.patch_size, foreground, rng, self.augment)
 
+  def shared_options(self) -> Dict:
+    """The keyword arguments another stream of samples like these takes (augmentation,
+    slicing, worker processes): e.g. the unlabelled cases' of semi-supervised training."""
+    return dict(augment=self.augment, slice_axis=self.slice_axis,
+                slice_context=self.slice_context, host_workers=self.host_workers)
+
   def batches(self, start_step: int, num_steps: int, process_index: int = 0,
               process_count: int = 1, num_workers: int = 0) -> Iterator[Tuple[np.ndarray, ...]]:
-    """This process's rows of steps ``[start_step, num_steps)``, through tf.data."""
-    import tensorflow as tf
-    from medjax.data.pipeline import local_rows, numpy_batches
+    """This process's rows of steps ``[start_step, num_steps)``: drawn by
+    ``host_workers`` processes, or with none in this process through tf.data
+    (``num_workers`` parallel calls; 0 = tf.data's default, about one per core)."""
+    from medjax.data.pipeline import local_rows
     rows = local_rows(self.global_batch, process_index, process_count)
+    channels = next(iter(self.cases.values()))[0].shape[-1] * (2 * self.slice_context + 1)
+    if self.host_workers:
+      return host_workers_lib.WorkerBatches(self, start_step, num_steps, rows,
+                                            self.host_workers, self.patch_size + (channels,),
+                                            self.patch_size)
+    import tensorflow as tf
+    from medjax.data.pipeline import numpy_batches
     steps = np.arange(start_step, num_steps)
     js = np.arange(rows.start, rows.stop)
     pairs = np.stack(np.meshgrid(steps, js, indexing='ij'), -1).reshape(-1, 2).astype(np.int64)
-    channels = next(iter(self.cases.values()))[0].shape[-1] * (2 * self.slice_context + 1)
 
     def load(pair):
       def fn(p):

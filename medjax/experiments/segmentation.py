@@ -140,7 +140,7 @@ class SegmentationExperiment(Experiment):
         augment=SegAugment(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                               for k, v in cfg.seg_augment.to_dict().items()}),
         slice_axis=self.slice_axis, skip_empty_slices=cfg.skip_empty_slices,
-        slice_context=self.slice_context)
+        slice_context=self.slice_context, host_workers=cfg.host_workers)
     steps = config.train.steps_per_epoch or math.ceil(epoch_cases / config.train.batch_size)
     self.setup(num_outputs=self.num_classes, input_shape=self.patch_size + (channels,),
                steps_per_epoch=steps)
@@ -158,8 +158,8 @@ class SegmentationExperiment(Experiment):
     sampler = SegmentationSampler(
         unlabeled, self.patch_size,
         self.config.train.batch_size * self.config.semi.unlabeled_ratio,
-        seed=self.config.seed + 2**31, foreground_fraction=0.0, augment=self.sampler.augment,
-        slice_axis=self.slice_axis, slice_context=self.slice_context)
+        seed=self.config.seed + 2**31, foreground_fraction=0.0,
+        **self.sampler.shared_options())
     return ((patches,) for patches, _ in sampler.batches(
         start_step, self.total_steps, jax.process_index(), jax.process_count()))
 
