@@ -118,7 +118,7 @@ def test_autotune_measures_once_caches_and_gives_xla_numbers(cache, tmp_path):
   reference = model.clone(conv_impl='xla').apply(variables, x)
   np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5)
   times = conv_tune.measure((2, 8, 8, 3), (1, 1, 3, 4), (1, 1), ((0, 0), (0, 0)),
-                            ('pointwise', 'xla'), reps=1)
+                            ('pointwise', 'xla'), conv_lib.convolve, reps=1)
   assert sorted(times) == ['pointwise', 'xla'] and min(times.values()) > 0
 
 

@@ -50,7 +50,7 @@ from jax import lax
 
 from medjax.models import conv_tune
 
-IMPLS = ('auto', 'xla', 'matmul_wgrad', 'patch_wgrad', 'depth_stack', 'depth_taps', 'pointwise')
+IMPLS = ('auto',) + conv_tune.CHOICES
 
 Pads = tuple[tuple[int, int], ...]
 
@@ -208,7 +208,7 @@ def choose_impl(backend: str, input_shape: Sequence[int], kernel_shape: Sequence
   if pads is None:
     pads = tuple(lax.padtype_to_pads(input_shape[1:-1], kernel_shape[:-2], strides, 'SAME'))
   return conv_tune.lookup(input_shape, kernel_shape, strides, pads,
-                          rule_impl(input_shape, kernel_shape, strides))
+                          rule_impl(input_shape, kernel_shape, strides), convolve)
 
 
 def rule_impl(input_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -226,6 +226,13 @@ def rule_impl(input_shape: Sequence[int], kernel_shape: Sequence[int],
   positions = math.prod(-(-n // s) for n, s in zip(input_shape[1:-1], strides))
   wide = kernel_shape[-2] >= MATMUL_WGRAD_MIN_CHANNELS
   return 'matmul_wgrad' if wide and positions >= MATMUL_WGRAD_MIN_POSITIONS else 'xla'
+
+
+def convolve(x: jax.Array, w: jax.Array, strides: Sequence[int], pads: Pads,
+             impl: str) -> jax.Array:
+  """Channels-last convolution ``x [B, *S, C_in] * w [*K, C_in, C_out]`` run by ``impl``
+  (explicit ``pads``, one ``(low, high)`` per spatial axis)."""
+  return _conv_nd(x, w, tuple(strides), tuple(map(tuple, pads)), check_impl(impl))
 
 
 def _conv_nd(x, w, strides, pads, impl):

@@ -31,13 +31,16 @@ import platform
 import tempfile
 import time
 import warnings
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import jax
 
 from medjax import config as config_lib
 
 CACHE_ENV = 'MEDJAX_CONV_CACHE'
+# The implementations of medjax.models.conv that a layer can be pinned to ('auto' resolves
+# to one of them).
+CHOICES = ('xla', 'matmul_wgrad', 'patch_wgrad', 'depth_stack', 'depth_taps', 'pointwise')
 RECORD_FILE = 'conv_impl_choices.json'
 # A measured alternative replaces the rule's choice only when it is this much faster, so
 # near-ties (noise) keep the rule.
@@ -87,9 +90,8 @@ def cache_path() -> str:
 
 
 def _valid_choices(value) -> bool:
-  from medjax.models.conv import IMPLS
   return isinstance(value, dict) and all(
-      isinstance(k, str) and v in IMPLS and v != 'auto' for k, v in value.items())
+      isinstance(k, str) and v in CHOICES for k, v in value.items())
 
 
 def _read(path: str, what: str) -> dict:
@@ -161,13 +163,13 @@ def candidates(input_shape: Sequence[int], kernel_shape: Sequence[int],
 
 
 def measure(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
-            pads, impls: Sequence[str], reps: int = 3) -> Dict[str, float]:
-  """Median seconds of forward + both gradients of one layer for each of ``impls``,
-  compiled first, then timed in turn ``reps`` times (so load affects all alike)."""
+            pads, impls: Sequence[str], convolve: Callable, reps: int = 3) -> Dict[str, float]:
+  """Median seconds of forward + both gradients of one layer for each of ``impls``
+  (``convolve(x, w, strides, pads, impl)``, the op of ``medjax.models.conv``), compiled
+  first, then timed in turn ``reps`` times (so load affects all alike)."""
   import jax.numpy as jnp
   import numpy as np
 
-  from medjax.models import conv
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=tuple(input_shape)), jnp.float32)
   w = jnp.asarray(rng.normal(size=tuple(kernel_shape)) / math.sqrt(math.prod(kernel_shape[:-1])),
@@ -175,7 +177,7 @@ def measure(input_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
   fns = {}
   for impl in impls:
     def loss(x, w, impl=impl):
-      return jnp.sum(conv._conv_nd(x, w, tuple(strides), tuple(map(tuple, pads)), impl) ** 2)
+      return jnp.sum(convolve(x, w, tuple(strides), tuple(map(tuple, pads)), impl) ** 2)
     fns[impl] = jax.jit(jax.grad(loss, argnums=(0, 1)))
     jax.block_until_ready(fns[impl](x, w))
   times = {impl: [] for impl in impls}
@@ -195,8 +197,9 @@ def pick(seconds: Dict[str, float], default: str, margin: float = MARGIN) -> str
   return best
 
 
-def lookup(input_shape, kernel_shape, strides, pads, rule: str) -> str:
-  """What ``'auto'`` runs on CPU for one layer (order: pinned, cached, measured, rule)."""
+def lookup(input_shape, kernel_shape, strides, pads, rule: str, convolve: Callable) -> str:
+  """What ``'auto'`` runs on CPU for one layer (order: pinned, cached, measured, rule);
+  ``convolve`` runs a candidate when one is measured (see :func:`measure`)."""
   key = layer_key(input_shape, kernel_shape, strides, pads)
   if _pinned is not None and key in _pinned:
     impl = _pinned[key]
@@ -204,7 +207,7 @@ def lookup(input_shape, kernel_shape, strides, pads, rule: str) -> str:
     impl = load_cache()[key]
   elif _autotune:
     impls = candidates(input_shape, kernel_shape, strides)
-    impl = pick(measure(input_shape, kernel_shape, strides, pads, impls), rule)
+    impl = pick(measure(input_shape, kernel_shape, strides, pads, impls, convolve), rule)
     save_choice(key, impl)
   else:
     impl = rule
