@@ -45,35 +45,42 @@ def draw_params(keys: jax.Array, augment: SegAugment, patch_size: Sequence[int],
 
 def _draw_one(key, augment: SegAugment, patch: Tuple[int, ...], channels: int):
   nd = len(patch)
-  keys = iter(jax.random.split(key, 20))
-  u = lambda: jax.random.uniform(next(keys))  # noqa: E731
+  scalar_key, elastic_key, noise_key = jax.random.split(key, 3)
+  # Every scalar from one call: each random-bits call is a program of its own to compile.
+  scalars = iter(jax.random.uniform(scalar_key, (_NUM_SCALARS,)))
 
-  def uniform(lo_hi, shape=()):
-    return jax.random.uniform(next(keys), shape, minval=lo_hi[0], maxval=lo_hi[1])
+  def uniform(lo_hi):
+    return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * next(scalars)
 
   p = {}
-  p['rotate'] = u() < augment.p_rotate
-  angles = uniform((-1.0, 1.0), (1 if nd == 2 else 3,)) * math.radians(augment.rotate_deg)
-  p['angles'] = jnp.where(p['rotate'], angles, 0.0)
-  p['scale'] = u() < augment.p_scale
+  p['rotate'] = next(scalars) < augment.p_rotate
+  angles = jnp.stack([uniform((-1.0, 1.0)) for _ in range(1 if nd == 2 else 3)])
+  p['angles'] = jnp.where(p['rotate'], angles * math.radians(augment.rotate_deg), 0.0)
+  p['scale'] = next(scalars) < augment.p_scale
   p['scale_factor'] = jnp.where(p['scale'], uniform(augment.scale), 1.0)
-  p['flip'] = jax.random.uniform(next(keys), (nd,)) < augment.p_flip
-  rot90_gate = (u() < augment.p_rot90) & (patch[-1] == patch[-2])
-  p['rot90'] = jnp.where(rot90_gate, jax.random.randint(next(keys), (), 1, 4), 0)
-  p['elastic'] = u() < augment.p_elastic
+  p['flip'] = jnp.stack([next(scalars) < augment.p_flip for _ in range(nd)])
+  rot90_gate = (next(scalars) < augment.p_rot90) & (patch[-1] == patch[-2])
+  quarter_turns = jnp.minimum(jnp.floor(uniform((1.0, 4.0))), 3).astype(jnp.int32)
+  p['rot90'] = jnp.where(rot90_gate, quarter_turns, 0)
+  p['elastic'] = next(scalars) < augment.p_elastic
   if augment.p_elastic > 0:
-    p['elastic_noise'] = uniform((-1.0, 1.0), (nd,) + patch)
-  p['noise'] = u() < augment.p_noise
+    p['elastic_noise'] = jax.random.uniform(elastic_key, (nd,) + patch, minval=-1.0,
+                                            maxval=1.0)
+  p['noise'] = next(scalars) < augment.p_noise
   if augment.p_noise > 0:
-    p['noise_values'] = augment.noise_std * jax.random.normal(next(keys), patch + (channels,))
+    p['noise_values'] = augment.noise_std * jax.random.normal(noise_key, patch + (channels,))
   for name, attr, value in (('blur', 'blur_sigma', 'blur_sigma'),
                             ('brightness', 'brightness', 'brightness_factor'),
                             ('contrast', 'contrast', 'contrast_factor'),
                             ('gamma', 'gamma', 'gamma_value'),
                             ('lowres', 'lowres_zoom', 'lowres_zoom')):
-    p[name] = u() < getattr(augment, f'p_{name}')
+    p[name] = next(scalars) < getattr(augment, f'p_{name}')
     p[value] = jnp.where(p[name], uniform(getattr(augment, attr)), _NEUTRAL[value])
   return p
+
+
+# Scalars one example draws (at most): gates, angles, flips, scale, quarter turns, values.
+_NUM_SCALARS = 24
 
 
 def host_params_batch(params: Sequence[Dict[str, Any]], augment: SegAugment,

@@ -30,10 +30,12 @@ def draw_params(keys: jax.Array, aug: ml_collections.ConfigDict,
 
 
 def _draw_one(key, aug, shape):
-  keys = iter(jax.random.split(key, 20))
+  scalar_key, noise_key = jax.random.split(key)
+  # Every scalar from one call: each random-bits call is a program of its own to compile.
+  scalars = iter(jax.random.uniform(scalar_key, (18,)))  # at most 18 draws below
 
   def uniform(lo=0.0, hi=1.0):
-    return jax.random.uniform(next(keys), minval=lo, maxval=hi)
+    return lo + (hi - lo) * next(scalars)
 
   def gate():
     return uniform() < aug.op_prob
@@ -58,7 +60,7 @@ def _draw_one(key, aug, shape):
     p['blur'], p['sigma'] = gate(), uniform(0.0, aug.blur_sigma)
   if aug.noise_std > 0:
     p['noise'] = gate()
-    p['noise_values'] = jax.random.normal(next(keys), shape) * uniform(0.0, aug.noise_std)
+    p['noise_values'] = jax.random.normal(noise_key, shape) * uniform(0.0, aug.noise_std)
   if aug.cutout > 0:
     p['cutout_u'], p['cutout_v'] = uniform(), uniform()
   return p
