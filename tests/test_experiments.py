@@ -203,15 +203,15 @@ def test_config_json_written_before_the_seam_still_loads(name):
   loaded = config_lib.from_json_file(str(path)).to_dict()
   written = json.loads(path.read_text())
   normalise = lambda tree: json.loads(json.dumps(tree, default=list))  # noqa: E731
-  # Keys declared since then load with their defaults; every key written keeps its value.
-  assert normalise(_keys_of(loaded, written)) == normalise(written)
+  defaults = normalise(config_lib.default_config().to_dict())
 
-
-def _keys_of(tree: dict, like: dict) -> dict:
-  """``tree`` restricted to the keys of ``like`` (nested dicts too; a missing key stays
-  missing, so the comparison still sees it)."""
-  return {k: _keys_of(tree[k], v) if isinstance(v, dict) and isinstance(tree.get(k), dict)
-          else tree.get(k, '<missing>') for k, v in like.items()}
+  def as_written(loaded, written, defaults):
+    """``loaded`` restricted to the keys ``written`` has; a key added since has its default."""
+    for key in set(loaded) - set(written):
+      assert loaded[key] == defaults[key], key
+    return {k: as_written(loaded[k], v, defaults[k]) if isinstance(v, dict) else loaded[k]
+            for k, v in written.items()}
+  assert as_written(normalise(loaded), normalise(written), defaults) == normalise(written)
 
 
 def test_unknown_task_and_double_registration_are_errors(toy_task):

@@ -116,21 +116,13 @@ def _cutout(image: tf.Tensor, size: float, u: tf.Tensor, v: tf.Tensor,
   return tf.where(inside, tf.zeros_like(image), image)
 
 
-def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int,
-                    key: str = 'data.augment'):
-  """Returns ``fn(image [*spatial, C], seed [2]) -> image`` applying the configured ops.
-  ``key``: the config key of ``aug``, named in errors.
-
-  Order: flips, one affine map (rotation, zoom, shear, shift), brightness, contrast, blur,
-  noise, cutout. With ``aug.op_prob < 1`` each of the affine map, brightness, contrast, blur
-  and noise is applied with that probability (a RandAugment-like mix of ops per image);
-  flips keep their one half and cutout is always applied.
-  """
-  geometric = (aug.rotation_deg > 0 or aug.scale_min != 1.0 or aug.scale_max != 1.0
-               or aug.translate > 0 or aug.shear_deg > 0)
-  if (geometric or aug.blur_sigma > 0) and spatial_dims != 2:
-    raise ValueError(f'{key}.rotation_deg/scale_*/translate/shear_deg/blur_sigma are '
-                     '2D-only; use flips and intensity ops for 3D data')
+def check_augment(aug: ml_collections.ConfigDict, spatial_dims: int,
+                  key: str = 'data.augment') -> None:
+  """Refuses ops the data cannot take and values out of range; ``key`` names the section."""
+  if is_geometric(aug) or aug.blur_sigma > 0:
+    if spatial_dims != 2:
+      raise ValueError(f'{key}.rotation_deg/scale_*/translate/shear_deg/blur_sigma are '
+                       '2D-only; use flips and intensity ops for 3D data')
   if not 0.0 <= aug.cutout < 1.0:
     raise ValueError(f'{key}.cutout is a fraction of the image side in [0, 1), got '
                      f'{aug.cutout}')
@@ -147,63 +139,126 @@ def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int,
                      f'{aug.noise_std}, {aug.blur_sigma}')
   if not 0.0 < aug.op_prob <= 1.0:
     raise ValueError(f'{key}.op_prob must be in (0, 1], got {aug.op_prob}')
-  blur_radius = max(1, int(math.ceil(3 * aug.blur_sigma)))
+
+
+def is_geometric(aug: ml_collections.ConfigDict) -> bool:
+  """Whether ``aug`` moves pixels by an affine map (rotation, zoom, shift, shear)."""
+  return (aug.rotation_deg > 0 or aug.scale_min != 1.0 or aug.scale_max != 1.0
+          or aug.translate > 0 or aug.shear_deg > 0)
+
+
+def is_enabled(aug: ml_collections.ConfigDict) -> bool:
+  """Whether ``aug`` changes images at all."""
+  return (aug.flip_lr or aug.flip_ud or is_geometric(aug) or aug.brightness > 0
+          or aug.contrast > 0 or aug.blur_sigma > 0 or aug.noise_std > 0 or aug.cutout > 0)
+
+
+def blur_radius(aug: ml_collections.ConfigDict) -> int:
+  """The blur kernel's half width: ``2 r + 1`` taps cover 3 of the largest sigma."""
+  return max(1, int(math.ceil(3 * aug.blur_sigma)))
+
+
+def draw_params(aug: ml_collections.ConfigDict, seed: tf.Tensor, image_shape: tf.Tensor):
+  """Every random parameter of one image's augmentation from its seed ``[2]``: gates
+  (``flip_lr``, ``flip_ud``, ``affine``, ``brightness``, ``contrast``, ``blur``, ``noise``;
+  the last five Python ``True`` when ``aug.op_prob`` is 1) and values (``angle``, ``shear`` radians; ``zoom``; ``shift_y``, ``shift_x`` pixels;
+  ``shift`` brightness; ``factor`` contrast; ``sigma`` blur; ``noise`` ``[*spatial, C]``
+  already times its std; ``cutout_u``, ``cutout_v`` in [0, 1)); only the enabled ops'."""
+  seeds = tf.random.experimental.stateless_split(seed, num=6)
+  uniform = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform(  # noqa: E731
+      [], seeds[i], minval=lo, maxval=hi)
+  # The ops added after the first six draw from their own seeds, so the first six draw
+  # what they drew before (runs of earlier versions repeat exactly).
+  more = tf.random.experimental.stateless_split(
+      tf.random.experimental.stateless_fold_in(seed, 7), num=11)
+  more_uniform = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform(  # noqa: E731
+      [], more[i], minval=lo, maxval=hi)
+
+  def gate(i):
+    """Whether op ``i`` applies: always, or with probability ``aug.op_prob``."""
+    return True if aug.op_prob == 1.0 else more_uniform(5 + i) < aug.op_prob
+
+  p = {}
+  if aug.flip_lr:
+    p['flip_lr'] = uniform(0) < 0.5
+  if aug.flip_ud:
+    p['flip_ud'] = uniform(1) < 0.5
+  if is_geometric(aug):
+    p['affine'] = gate(0)
+    p['angle'] = uniform(2, -aug.rotation_deg, aug.rotation_deg) * (math.pi / 180.0)
+    p['zoom'] = uniform(3, aug.scale_min, aug.scale_max)
+    p['shear'] = (more_uniform(0, -aug.shear_deg, aug.shear_deg) * (math.pi / 180.0)
+                  if aug.shear_deg > 0 else tf.constant(0.0))
+    if aug.translate > 0:
+      size = tf.cast(image_shape, tf.float32)
+      p['shift_y'] = more_uniform(1, -aug.translate, aug.translate) * size[0]
+      p['shift_x'] = more_uniform(2, -aug.translate, aug.translate) * size[1]
+    else:
+      p['shift_y'] = p['shift_x'] = tf.constant(0.0)
+  if aug.brightness > 0:
+    p['brightness'], p['shift'] = gate(1), uniform(4, -aug.brightness, aug.brightness)
+  if aug.contrast > 0:
+    p['contrast'] = gate(2)
+    p['factor'] = uniform(5, 1.0 - aug.contrast, 1.0 + aug.contrast)
+  if aug.blur_sigma > 0:
+    p['blur'], p['sigma'] = gate(3), more_uniform(3, 0.0, aug.blur_sigma)
+  if aug.noise_std > 0:
+    p['noise'] = gate(4)
+    p['noise_values'] = (tf.random.stateless_normal(image_shape, more[10])
+                         * more_uniform(4, 0.0, aug.noise_std))
+  if aug.cutout > 0:  # its own seeds, so the other ops draw what they drew before cutout
+    cut = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(seed, 6), num=2)
+    p['cutout_u'] = tf.random.stateless_uniform([], cut[0])
+    p['cutout_v'] = tf.random.stateless_uniform([], cut[1])
+  return p
+
+
+def apply_params(image: tf.Tensor, p, aug: ml_collections.ConfigDict,
+                 spatial_dims: int) -> tf.Tensor:
+  """``image`` ``[*spatial, C]`` under the parameters ``p`` of :func:`draw_params`.
+
+  Order: flips, one affine map (rotation, zoom, shear, shift), brightness, contrast, blur,
+  noise, cutout."""
+  def maybe(gate, op, image):
+    return op() if gate is True else tf.cond(gate, op, lambda: image)
+
+  width_axis, height_axis = spatial_dims - 1, spatial_dims - 2
+  if 'flip_lr' in p:
+    image = maybe(p['flip_lr'], lambda: tf.reverse(image, [width_axis]), image)
+  if 'flip_ud' in p:
+    image = maybe(p['flip_ud'], lambda: tf.reverse(image, [height_axis]), image)
+  if 'affine' in p:
+    image = maybe(p['affine'], lambda: _affine_2d(image, p['angle'], p['zoom'], p['shear'],
+                                                  p['shift_y'], p['shift_x']), image)
+  if 'brightness' in p:
+    image = maybe(p['brightness'], lambda: image + p['shift'], image)
+  if 'contrast' in p:
+    mean = tf.reduce_mean(image)
+    image = maybe(p['contrast'], lambda: mean + (image - mean) * p['factor'], image)
+  if 'blur' in p:
+    image = maybe(p['blur'], lambda: _gaussian_blur_2d(image, p['sigma'], blur_radius(aug)),
+                  image)
+  if 'noise' in p:
+    image = maybe(p['noise'], lambda: image + p['noise_values'], image)
+  if 'cutout_u' in p:
+    image = _cutout(image, aug.cutout, p['cutout_u'], p['cutout_v'], spatial_dims)
+  return image
+
+
+def make_augment_fn(aug: ml_collections.ConfigDict, spatial_dims: int,
+                    key: str = 'data.augment'):
+  """Returns ``fn(image [*spatial, C], seed [2]) -> image`` applying the configured ops
+  (:func:`draw_params`, then :func:`apply_params`), or None when none is on. ``key``: the
+  config key of ``aug``, named in errors.
+
+  With ``aug.op_prob < 1`` each of the affine map, brightness, contrast, blur and noise is
+  applied with that probability (a RandAugment-like mix of ops per image); flips keep their
+  one half and cutout is always applied.
+  """
+  check_augment(aug, spatial_dims, key)
 
   def augment(image, seed):
-    seeds = tf.random.experimental.stateless_split(seed, num=6)
-    uniform = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform(  # noqa: E731
-        [], seeds[i], minval=lo, maxval=hi)
-    # The ops added after the first six draw from their own seeds, so the first six draw
-    # what they drew before (runs of earlier versions repeat exactly).
-    more = tf.random.experimental.stateless_split(
-        tf.random.experimental.stateless_fold_in(seed, 7), num=11)
-    more_uniform = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform(  # noqa: E731
-        [], more[i], minval=lo, maxval=hi)
+    return apply_params(image, draw_params(aug, seed, tf.shape(image)), aug, spatial_dims)
 
-    def maybe(i, op, image):
-      """``op()`` with probability ``aug.op_prob`` (gate ``i``), else ``image``."""
-      if aug.op_prob == 1.0:
-        return op()
-      return tf.cond(more_uniform(5 + i) < aug.op_prob, op, lambda: image)
-
-    width_axis, height_axis = spatial_dims - 1, spatial_dims - 2
-    if aug.flip_lr:
-      image = tf.cond(uniform(0) < 0.5, lambda: tf.reverse(image, [width_axis]), lambda: image)
-    if aug.flip_ud:
-      image = tf.cond(uniform(1) < 0.5, lambda: tf.reverse(image, [height_axis]), lambda: image)
-    if geometric:
-      angle = uniform(2, -aug.rotation_deg, aug.rotation_deg) * (math.pi / 180.0)
-      zoom = uniform(3, aug.scale_min, aug.scale_max)
-      shear = (more_uniform(0, -aug.shear_deg, aug.shear_deg) * (math.pi / 180.0)
-               if aug.shear_deg > 0 else tf.constant(0.0))
-      if aug.translate > 0:
-        size = tf.cast(tf.shape(image), tf.float32)
-        shift_y = more_uniform(1, -aug.translate, aug.translate) * size[0]
-        shift_x = more_uniform(2, -aug.translate, aug.translate) * size[1]
-      else:
-        shift_y = shift_x = tf.constant(0.0)
-      image = maybe(0, lambda: _affine_2d(image, angle, zoom, shear, shift_y, shift_x), image)
-    if aug.brightness > 0:
-      shift = uniform(4, -aug.brightness, aug.brightness)
-      image = maybe(1, lambda: image + shift, image)
-    if aug.contrast > 0:
-      mean = tf.reduce_mean(image)
-      factor = uniform(5, 1.0 - aug.contrast, 1.0 + aug.contrast)
-      image = maybe(2, lambda: mean + (image - mean) * factor, image)
-    if aug.blur_sigma > 0:
-      sigma = more_uniform(3, 0.0, aug.blur_sigma)
-      image = maybe(3, lambda: _gaussian_blur_2d(image, sigma, blur_radius), image)
-    if aug.noise_std > 0:
-      std = more_uniform(4, 0.0, aug.noise_std)
-      noise = tf.random.stateless_normal(tf.shape(image), more[10]) * std
-      image = maybe(4, lambda: image + noise, image)
-    if aug.cutout > 0:  # its own seeds, so the other ops draw what they drew before cutout
-      cut = tf.random.experimental.stateless_split(
-          tf.random.experimental.stateless_fold_in(seed, 6), num=2)
-      image = _cutout(image, aug.cutout, tf.random.stateless_uniform([], cut[0]),
-                      tf.random.stateless_uniform([], cut[1]), spatial_dims)
-    return image
-
-  enabled = (aug.flip_lr or aug.flip_ud or geometric or aug.brightness > 0 or aug.contrast > 0
-             or aug.blur_sigma > 0 or aug.noise_std > 0 or aug.cutout > 0)
-  return augment if enabled else None
+  return augment if is_enabled(aug) else None

@@ -6,10 +6,11 @@ foreground sample, where the patch lies and every augmentation parameter. A resu
 any split of the batch over processes, therefore sees exactly the samples of an
 uninterrupted single-process run.
 
-Spatial augmentation (flip, rot90, rotation, scaling, elastic deformation) builds the
-sampling coordinates of the output patch and interpolates them from the whole case, once
-(as nnU-Net's batchgenerators do): image linear, mask nearest neighbour, zero outside the
-volume. No border artefacts, and image and mask always move together.
+Augmentation (:mod:`medjax.data.seg_augment`) interpolates each patch from the whole case,
+once: no border artefacts, and image and mask always move together. With
+``data.augment_on='device'`` the sampler only crops (around the same centre, with the margin
+the augmentation needs, :func:`medjax.data.seg_augment.crop_case`) and the train step
+augments (:mod:`medjax.data.device_augment`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
 from medjax import config as config_lib
-from medjax.data import host_workers as host_workers_lib
-from medjax.data.nifti import resample_to_shape
+from medjax.data import host_workers as host_workers_lib, seg_augment
+from medjax.data.seg_augment import SegAugment
 
 
 @config_lib.declare
@@ -41,52 +41,6 @@ def _defaults(c) -> None:
 # A label value no loss counts (seg_losses' ignore_label): the voxels of a pseudo-label map
 # that the teacher was unsure of. Above any class index of a uint8 label map.
 IGNORE_LABEL = 255
-
-
-@dataclasses.dataclass(frozen=True)
-class SegAugment:
-  """Probabilities (p_*) and ranges of the training augmentations; all off by default."""
-  p_flip: float = 0.0               # per spatial axis
-  p_rot90: float = 0.0              # in the plane of the last two spatial axes (equal sizes)
-  p_rotate: float = 0.0
-  rotate_deg: float = 15.0          # uniform in [-deg, deg] about each axis (one axis in 2D)
-  p_scale: float = 0.0
-  scale: Tuple[float, float] = (0.85, 1.25)
-  p_elastic: float = 0.0
-  elastic_alpha: float = 4.0        # displacement magnitude, voxels
-  elastic_sigma: float = 3.0        # smoothness, voxels
-  p_noise: float = 0.0
-  noise_std: float = 0.1
-  p_blur: float = 0.0
-  blur_sigma: Tuple[float, float] = (0.5, 1.0)
-  p_brightness: float = 0.0
-  brightness: Tuple[float, float] = (0.75, 1.25)   # multiplicative
-  p_contrast: float = 0.0
-  contrast: Tuple[float, float] = (0.75, 1.25)
-  p_gamma: float = 0.0
-  gamma: Tuple[float, float] = (0.7, 1.5)
-  p_lowres: float = 0.0
-  lowres_zoom: Tuple[float, float] = (0.5, 1.0)
-
-  @classmethod
-  def nnunet_like(cls) -> 'SegAugment':
-    """Probabilities close to nnU-Net's default training augmentation."""
-    return cls(p_flip=0.5, p_rotate=0.2, p_scale=0.2, p_elastic=0.0, p_noise=0.1, p_blur=0.2,
-               p_brightness=0.15, p_contrast=0.15, p_gamma=0.3, p_lowres=0.25)
-
-
-def _rotation_matrix(angles: Sequence[float], nd: int) -> np.ndarray:
-  if nd == 2:
-    c, s = np.cos(angles[0]), np.sin(angles[0])
-    return np.array([[c, -s], [s, c]])
-  rot = np.eye(3)
-  for axis, angle in enumerate(angles):
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    rot = rot @ r
-  return rot
 
 
 def _choose_centre(label: np.ndarray, locations: Dict[str, np.ndarray], foreground: bool,
@@ -116,71 +70,20 @@ def sample(image: np.ndarray, label: np.ndarray, locations: Dict[str, np.ndarray
   Returns:
     (image patch ``[*patch_size, C]`` float32, label patch ``[*patch_size]`` int32).
   """
-  nd = label.ndim
+  centre = patch_centre(label, locations, patch_size, foreground, rng)
+  params = seg_augment.draw_params(rng, augment, patch_size, image.shape[-1])
+  return seg_augment.apply(image, label, centre, params, augment, patch_size)
+
+
+def patch_centre(label: np.ndarray, locations: Dict[str, np.ndarray],
+                 patch_size: Sequence[int], foreground: bool, rng: np.random.Generator
+                 ) -> np.ndarray:
+  """``[nd]`` float64: the centre of a training patch (the first draws of :func:`sample`)."""
   patch = np.asarray(patch_size, np.float64)
-  if len(patch) != nd:
-    raise ValueError(f'patch_size {tuple(patch_size)} has {len(patch)} axes, case has {nd}')
-  centre = _choose_centre(label, locations, foreground, patch, rng)
-  grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2.0 for n in patch_size],
-                              indexing='ij'), axis=0)  # [nd, *patch]
-  offsets = grid.reshape(nd, -1)
-  matrix = np.eye(nd)
-  if rng.random() < augment.p_rotate:
-    angles = rng.uniform(-1, 1, 1 if nd == 2 else 3) * np.deg2rad(augment.rotate_deg)
-    matrix = _rotation_matrix(angles, nd) @ matrix
-  if rng.random() < augment.p_scale:
-    matrix = matrix / rng.uniform(*augment.scale)  # zoom in by factor s: sample closer points
-  for axis in range(nd):
-    if rng.random() < augment.p_flip:
-      matrix[:, axis] = -matrix[:, axis]
-  if (rng.random() < augment.p_rot90 and patch_size[-1] == patch_size[-2]):
-    k = int(rng.integers(1, 4))
-    rot = np.eye(nd)
-    c, s = np.round(np.cos(k * np.pi / 2)), np.round(np.sin(k * np.pi / 2))
-    rot[nd - 2:, nd - 2:] = [[c, -s], [s, c]]
-    matrix = matrix @ rot
-  coords = matrix @ offsets
-  if rng.random() < augment.p_elastic:
-    shape = tuple(int(n) for n in patch_size)
-    displacement = [ndimage.gaussian_filter(rng.uniform(-1, 1, shape), augment.elastic_sigma)
-                    for _ in range(nd)]
-    displacement = np.stack([d / (np.abs(d).max() + 1e-8) for d in displacement])
-    coords = coords + augment.elastic_alpha * displacement.reshape(nd, -1)
-  coords = coords + centre[:, None]
-  out_shape = tuple(int(n) for n in patch_size)
-  image_patch = np.stack([
-      ndimage.map_coordinates(np.asarray(image[..., c], np.float32), coords, order=1,
-                              mode='constant', cval=0.0).reshape(out_shape)
-      for c in range(image.shape[-1])], axis=-1)
-  label_patch = ndimage.map_coordinates(np.asarray(label), coords, order=0, mode='constant',
-                                        cval=0).reshape(out_shape).astype(np.int32)
-  return _intensity_augment(image_patch, augment, rng), label_patch
-
-
-def _intensity_augment(x: np.ndarray, aug: SegAugment, rng: np.random.Generator) -> np.ndarray:
-  spatial = x.ndim - 1
-  if rng.random() < aug.p_noise:
-    x = x + rng.normal(0.0, aug.noise_std, x.shape).astype(np.float32)
-  if rng.random() < aug.p_blur:
-    sigma = rng.uniform(*aug.blur_sigma)
-    x = ndimage.gaussian_filter(x, sigma=[sigma] * spatial + [0])
-  if rng.random() < aug.p_brightness:
-    x = x * rng.uniform(*aug.brightness)
-  if rng.random() < aug.p_contrast:
-    mean = x.mean(axis=tuple(range(spatial)), keepdims=True)
-    x = (x - mean) * rng.uniform(*aug.contrast) + mean
-  if rng.random() < aug.p_gamma:
-    lo = x.min(axis=tuple(range(spatial)), keepdims=True)
-    span = x.max(axis=tuple(range(spatial)), keepdims=True) - lo + 1e-8
-    x = ((x - lo) / span) ** rng.uniform(*aug.gamma) * span + lo
-  if rng.random() < aug.p_lowres:
-    # Nearest-neighbour downsampling, linear upsampling back to the patch grid.
-    zoom = rng.uniform(*aug.lowres_zoom)
-    small_shape = [max(1, int(round(n * zoom))) for n in x.shape[:spatial]]
-    x = np.stack([resample_to_shape(resample_to_shape(x[..., c], small_shape, order=0),
-                                    x.shape[:spatial], order=1)
-                  for c in range(x.shape[-1])], axis=-1)
-  return x.astype(np.float32)
+  if len(patch) != label.ndim:
+    raise ValueError(f'patch_size {tuple(patch_size)} has {len(patch)} axes, case has '
+                     f'{label.ndim}')
+  return _choose_centre(label, locations, foreground, patch, rng)
 
 
 def slice_with_context(image: np.ndarray, axis: int, index: int, context: int) -> np.ndarray:
@@ -249,13 +152,16 @@ class SegmentationSampler:
       slice's.
     host_workers: :meth:`batches` draws the samples in this many worker processes (0: in
       this process through tf.data; -1: one per core), :mod:`medjax.data.host_workers`.
+    augment_on: 'host': samples are augmented patches; 'device': crops around the same
+      centres that hold what any augmented patch reads, with their centres and the case
+      bounds (:func:`medjax.data.seg_augment.crop_case`), for the train step to augment.
   """
 
   def __init__(self, cases: Dict[str, Tuple[np.ndarray, np.ndarray, Dict]],
                patch_size: Sequence[int], global_batch: int, seed: int,
                foreground_fraction: float = 1 / 3, augment: SegAugment = SegAugment(),
                slice_axis: Optional[int] = None, skip_empty_slices: bool = False,
-               slice_context: int = 0, host_workers: int = 0):
+               slice_context: int = 0, host_workers: int = 0, augment_on: str = 'host'):
     if not cases:
       raise ValueError('no training cases')
     if slice_context and slice_axis is None:
@@ -268,8 +174,15 @@ class SegmentationSampler:
     self.seed = seed
     self.num_foreground = foreground_count(global_batch, foreground_fraction)
     self.augment = augment
+    self.crop_half = (seg_augment.crop_half_extent(augment, self.patch_size)
+                      if augment_on == 'device' else None)
     self.slice_axis = slice_axis
     self.host_workers = host_workers_lib.worker_count(host_workers)
+    if self.host_workers and augment_on == 'device':
+      # Crops with their centres are not what the workers hand back; and with the
+      # augmentation on the device the host's share is small (benchmarks/device_augment.py).
+      raise ValueError('data.host_workers needs data.augment_on=host (with augment_on=device '
+                       'the host only crops; use data.host_workers=0)')
     if slice_axis is not None:
       self.slices = {}
       for cid in self.case_ids:
@@ -303,7 +216,10 @@ class SegmentationSampler:
         index = int(choices[rng.integers(len(choices))])
       image, label, locations = take_slice(image, label, locations, self.slice_axis, index,
                                            self.slice_context)
-    return sample(image, label, locations, self.patch_size, foreground, rng, self.augment)
+    if self.crop_half is None:
+      return sample(image, label, locations, self.patch_size, foreground, rng, self.augment)
+    centre = patch_centre(label, locations, self.patch_size, foreground, rng)
+    return seg_augment.crop_case(image, label, centre, self.crop_half)
 
   def shared_options(self) -> Dict:
     """The keyword arguments another stream of samples like these takes (augmentation,
@@ -330,6 +246,8 @@ class SegmentationSampler:
     pairs = np.stack(np.meshgrid(steps, js, indexing='ij'), -1).reshape(-1, 2).astype(np.int64)
 
     def load(pair):
+      if self.crop_half is not None:
+        return self._load_crop(pair, channels)
       def fn(p):
         return self(int(p[0]), int(p[1]))
       image, label = tf.numpy_function(fn, [pair], (tf.float32, tf.int32))
@@ -341,6 +259,24 @@ class SegmentationSampler:
     ds = ds.map(load, num_parallel_calls=num_workers or tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return numpy_batches(ds)
+
+
+  def _load_crop(self, pair, channels: int):
+    """``(crop, {'label', 'centre', 'low', 'high'})`` of sample ``pair`` as tf tensors."""
+    import tensorflow as tf
+    def fn(p):
+      crop, targets = self(int(p[0]), int(p[1]))
+      return (crop,) + tuple(targets[k] for k in CROP_TARGETS)
+    out = tf.numpy_function(fn, [pair], (tf.float32, tf.uint8, tf.float32, tf.float32,
+                                         tf.float32))
+    size = tuple(int(n) for n in 2 * self.crop_half + 2)
+    for tensor, shape in zip(out, (size + (channels,), size) + ((len(size),),) * 3):
+      tensor.set_shape(shape)
+    return out[0], dict(zip(CROP_TARGETS, out[1:]))
+
+
+# What a device-augmented segmentation batch's targets hold besides the crop itself.
+CROP_TARGETS = ('label', 'centre', 'low', 'high')
 
 
 def auto_patch_size(prepared, slice_axis, stride: int, cap_3d: int = 128,

@@ -23,6 +23,8 @@ import numpy as np
 from medjax import config as config_lib, explain, files as files_lib, losses, metrics as metrics_lib
 from medjax import plots, semi, tasks, workdir as workdir_lib
 from medjax.data import ClassificationData, augment, few_labels, layouts, load_data, pipeline
+from medjax.experiments import augment_on
+from medjax.experiments.augment_on import DeviceAugmented, classification_augment
 from medjax.experiments.base import Experiment, TrainState
 
 
@@ -101,7 +103,7 @@ def outputs_in_batches(exp: Experiment, step, images: np.ndarray, labels: np.nda
   return tuple(np.concatenate(parts)[mask] for parts in zip(*outputs))
 
 
-class ClassificationExperiment(Experiment):
+class ClassificationExperiment(DeviceAugmented, Experiment):
   """A classification config bound to its data, model and compiled steps."""
 
   def __init__(self, config: ml_collections.ConfigDict,
@@ -136,6 +138,8 @@ class ClassificationExperiment(Experiment):
                               out_shardings=(self.replicated, self.replicated))
     if training or self.method.needed_for_inference():
       self.method.prepare()
+    # data.augment_on=device: the step augments (medjax/experiments/augment_on.py).
+    self.device_augment = classification_augment(self, len(self.data.image_shape) - 1)
     self.class_weights = losses.parse_class_weights(
         config.loss.class_weights, self.data.splits['train'][1], self.data.num_classes,
         self.task)
@@ -248,7 +252,8 @@ class ClassificationExperiment(Experiment):
     batches = pipeline.train_batches(
         images, labels, global_batch=self.global_batch, seed=self.config.seed,
         start_step=start_step, num_steps=self.total_steps, pixel_max=self.data.pixel_max,
-        mean=cfg.mean, std=cfg.std, augment=cfg.augment,
+        mean=cfg.mean, std=cfg.std,
+        augment=None if augment_on.on_device(self.config) else cfg.augment,
         process_index=jax.process_index(), process_count=jax.process_count(),
         class_balanced=cfg.class_balanced, epoch_steps=self.epoch_steps)
     return self.method.batches(batches, start_step)

@@ -29,6 +29,7 @@ import numpy as np
 
 from medjax import config as config_lib, losses, metrics as metrics_lib, semi
 from medjax.data import augment, few_labels, load_data, pipeline
+from medjax.experiments import augment_on
 from medjax.experiments.base import Experiment, TrainState
 
 
@@ -81,6 +82,7 @@ class ContrastiveExperiment(Experiment):
     if config.semi.method != 'none':
       raise ValueError(f"task contrastive trains without labels; semi.method must be 'none', "
                        f"got '{config.semi.method}'")
+    augment_on.refuse_device(config, 'task contrastive builds its two views on the host')
     self.dataset_name = data.name
     self.class_names = list(data.class_names)
     self.scores_task = data.task                           # kNN class scores

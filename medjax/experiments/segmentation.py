@@ -10,8 +10,7 @@ The training loop, checkpoints, resume and sharding are those of :mod:`medjax.tr
 * training samples: patches (or 2D slices, ``data.slice_axis``, with ``data.slice_context``
   neighbouring slices on each side as channels: 2.5D) from :class:`SegmentationSampler`,
   one third centred on foreground, deterministic from (seed, step, position);
-* loss: Dice + CE (or Dice, or CE), with deep supervision when the model returns several
-  resolutions (weights 1/2^i, normalised);
+* loss: Dice + CE (or Dice, or CE), deep supervision (weights 1/2^i, normalised);
 * evaluation: every case of the split by sliding window, mapped back onto the original file's
   grid, scored there against the original label file (Dice, IoU, sensitivity, precision,
   HD95 and ASSD in mm); ``dice`` (mean over classes and cases) selects the checkpoint.
@@ -33,14 +32,14 @@ from medjax import plots, seg_losses, seg_metrics, semi
 from medjax import workdir as workdir_lib
 from medjax.data import few_labels, layouts, nifti, prepare
 from medjax.data.sampling import SegAugment, SegmentationSampler, auto_patch_size, slice_stack
+from medjax.experiments.augment_on import DeviceAugmented, segmentation_augment
 from medjax.experiments.base import Experiment
 from medjax.models.unet import total_stride
 
 
 @config_lib.declare
 def _defaults(c: ml_collections.ConfigDict) -> None:
-  # Preparation keys: medjax/data/prepare.py; patches: medjax/data/sampling.py; sliding
-  # window: medjax/inference.py; loss keys: medjax/seg_losses.py.
+  # Other keys: prepare.py, sampling.py, inference.py, seg_losses.py, augment_on.py.
   d = config_lib.section(c, 'data')
   d.root = ''                    # MSD folder (dataset.json) or image/label folders
   d.cache_dir = ''               # prepared cases; '' = ~/.cache/medjax
@@ -75,7 +74,7 @@ class SegData:
             f"{options.get('normalization')}")
 
 
-class SegmentationExperiment(Experiment):
+class SegmentationExperiment(DeviceAugmented, Experiment):
   """A segmentation config bound to its prepared data, model and compiled steps."""
 
   task = 'segmentation'
@@ -140,7 +139,8 @@ class SegmentationExperiment(Experiment):
         augment=SegAugment(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                               for k, v in cfg.seg_augment.to_dict().items()}),
         slice_axis=self.slice_axis, skip_empty_slices=cfg.skip_empty_slices,
-        slice_context=self.slice_context, host_workers=cfg.host_workers)
+        slice_context=self.slice_context, host_workers=cfg.host_workers, augment_on=cfg.augment_on)
+    self.device_augment = segmentation_augment(self)  # data.augment_on=device: in the step
     steps = config.train.steps_per_epoch or math.ceil(epoch_cases / config.train.batch_size)
     self.setup(num_outputs=self.num_classes, input_shape=self.patch_size + (channels,),
                steps_per_epoch=steps)
