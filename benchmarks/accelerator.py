@@ -68,11 +68,18 @@ COLUMNS = [('case', 'case', 's'), ('precision', 'precision', 's'), ('augment', '
            ('skipped', 'skipped', 's')]
 
 
+# Classification augmentation of the benchmark (host: tf.data; device: in the step).
+CLASSIFICATION_AUGMENT = dict(flip_lr=True, rotation_deg=15.0, scale_min=0.9, scale_max=1.1,
+                              brightness=0.1, contrast=0.1)
+
+
 def _experiment(case: Dict, precision: str, augment: str):
-  """medjax's experiment machinery (mesh, model, optimizer, the compiled step) around a
-  plain cross-entropy loss, for synthetic batches."""
+  """medjax's experiment machinery (mesh, model, optimizer, the compiled step and, with
+  ``augment='device'``, the augmentation inside it) around a plain cross-entropy loss."""
   import optax
   from medjax import config as config_lib
+  from medjax.data.augment import augment_section
+  from medjax.experiments.augment_on import DeviceAugmented
   from medjax.experiments.base import Experiment
 
   config = config_lib.default_config()
@@ -80,10 +87,10 @@ def _experiment(case: Dict, precision: str, augment: str):
   config.optimizer.update(name='sgd', learning_rate=0.01, momentum=0.9)
   config.train.update(batch_size=case['batch'], eval_batch_size=case['batch'],
                       precision=precision, progress_bar=False)
-  if 'augment_on' in config.data:
-    config.data.augment_on = augment
+  config.data.augment = augment_section(**CLASSIFICATION_AUGMENT)
+  config.data.augment_on = augment
 
-  class Bench(Experiment):
+  class Bench(DeviceAugmented, Experiment):
     task = 'benchmark'
 
     def loss(self, outputs, labels):
@@ -102,11 +109,41 @@ def _batch(case: Dict, seed: int = 0):
   return images, rng.integers(0, case['classes'], label_shape).astype(np.int32)
 
 
+def _segmentation_sampler(case: Dict, augment: str, augment_on: str = 'host'):
+  """The patch sampler on one synthetic case 1.5x the patch (a noisy image, a sparse
+  label map), with nnU-Net-like augmentation (``augment='host'``) or none; with
+  ``augment_on='device'`` it hands out crops for the step to augment with it."""
+  from medjax.data.sampling import SegAugment, SegmentationSampler
+  spatial = case['shape'][:-1]
+  rng = np.random.default_rng(0)
+  volume = tuple(int(n * 1.5) for n in spatial)
+  label = (rng.random(volume) > 0.97).astype(np.uint8)
+  cases = {'case0': (rng.normal(size=volume + (1,)).astype(np.float32), label,
+                     {1: np.argwhere(label == 1)})}
+  aug = SegAugment.nnunet_like() if augment == 'host' else SegAugment()
+  return SegmentationSampler(cases, spatial, case['batch'], seed=0, augment=aug,
+                             augment_on=augment_on)
+
+
+def _device_inputs(exp, case: Dict):
+  """What the host sends with ``data.augment_on=device``, and the step's augmentation:
+  classification, plain images; segmentation, the sampler's crops (with the margin
+  nnU-Net-like rotation and scaling need) and their targets."""
+  from medjax.experiments.augment_on import classification_augment, segmentation_augment
+  if case['model'] == 'resnet18':
+    exp.device_augment = classification_augment(exp, len(case['shape']) - 1)
+    return _batch(case)
+  exp.sampler = _segmentation_sampler(case, 'host', augment_on='device')
+  exp.patch_size = case['shape'][:-1]
+  exp.device_augment = segmentation_augment(exp)
+  return next(iter(exp.sampler.batches(0, 1)))
+
+
 def step_rate(case: Dict, precision: str, augment: str, steps: int) -> Dict:
   import jax
   exp = _experiment(case, precision, augment)
   state = exp.init_state()
-  images, labels = _batch(case)
+  images, labels = _device_inputs(exp, case) if augment == 'device' else _batch(case)
   start = time.perf_counter()
   state, metrics = exp.train_step(state, images, labels)
   jax.block_until_ready(metrics)
@@ -130,8 +167,7 @@ def pipeline_rate(case: Dict, augment: str, batches: int) -> float:
   if case['model'] == 'resnet18':
     from medjax.data.augment import augment_section
     from medjax.data.pipeline import train_batches
-    host = augment_section(flip_lr=True, rotation_deg=15.0, scale_min=0.9, scale_max=1.1,
-                           brightness=0.1, contrast=0.1) if augment == 'host' else None
+    host = augment_section(**CLASSIFICATION_AUGMENT) if augment == 'host' else None
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (case['batch'] * (batches + 1),) + case['shape'], np.uint8)
     labels = rng.integers(0, case['classes'], len(images))
@@ -143,15 +179,9 @@ def pipeline_rate(case: Dict, augment: str, batches: int) -> float:
     for _ in range(batches):
       next(stream)
     return batches * case['batch'] / (time.perf_counter() - start)
-  from medjax.data.sampling import SegAugment, SegmentationSampler
-  spatial = case['shape'][:-1]
-  rng = np.random.default_rng(0)
-  volume = tuple(int(n * 1.5) for n in spatial)
-  label = (rng.random(volume) > 0.97).astype(np.uint8)
-  locations = {1: np.argwhere(label == 1)}
-  cases = {'case0': (rng.normal(size=volume + (1,)).astype(np.float32), label, locations)}
-  aug = SegAugment.nnunet_like() if augment == 'host' else SegAugment()
-  sampler = SegmentationSampler(cases, spatial, case['batch'], seed=0, augment=aug)
+  # With the augmentation on the device the sampler only crops (with the margin that
+  # nnU-Net-like rotation and scaling need).
+  sampler = _segmentation_sampler(case, 'host', augment_on=augment)
   start = time.perf_counter()
   for step in range(batches):
     for j in range(case['batch']):

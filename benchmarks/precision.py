@@ -78,7 +78,10 @@ def main() -> None:
         row['delta_vs_float32'] = row['value'] - base['value']
       print(json.dumps({k: row.get(k) for k, _, _ in COLUMNS}), flush=True)
   print_table(rows, COLUMNS)
-  write_results(args.out, rows)
+  load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
+  write_results(args.out, rows, command=' '.join(['python benchmarks/precision.py'] + sys.argv[1:]),
+                note=f'float32 and bfloat16 trained one after the other; load average at the '
+                     f'end {load} (1, 5, 15 min)')
 
 
 if __name__ == '__main__':

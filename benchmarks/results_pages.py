@@ -551,6 +551,34 @@ def throughput_page(results: Results) -> List[str]:
   return blocks
 
 
+def accelerator_page(results: Results) -> List[str]:
+  blocks = []
+  name = 'precision.json'
+  blocks += section('bfloat16 against float32', name, results[name],
+                    'The same recipe trained with `train.precision=float32` and `bfloat16` '
+                    '(`benchmarks/precision.py`): the metric, and training images/s as a '
+                    'ratio to float32 in the same run.')
+  blocks.append(markdown_table(results[name]['results'], [
+      ('case', 'case', ''), ('precision', 'precision', ''), ('metric', 'metric', ''),
+      ('value', 'value', '.4f'), ('delta_vs_float32', 'minus float32', '+.4f'),
+      ('images_per_sec', 'train images/s', '.1f'),
+      ('speed_vs_float32', 'x float32 speed', '.2f'), ('wall_s', 'wall s', '.0f')]))
+  name = 'device_augment.json'
+  blocks += section('Augmentation on the host or in the train step', name, results[name],
+                    '`data.augment_on=host` (the sampler augments each patch) against '
+                    '`device` (the sampler only crops; the jitted step augments): the host\'s '
+                    'milliseconds per batch, the step\'s, and the bytes sent per batch.')
+  blocks.append(markdown_table(results[name]['results'], [
+      ('case', 'case', ''), ('batch', 'batch', ''), ('patch', 'patch', ''),
+      ('crop', 'crop (device)', ''), ('host_ms_host_aug', 'host ms, host aug', '.1f'),
+      ('host_ms_device_aug', 'host ms, device aug', '.1f'),
+      ('host_ratio', 'host ratio', '.3f'), ('step_ms_host_aug', 'step ms, host aug', '.0f'),
+      ('step_ms_device_aug', 'step ms, device aug', '.0f'), ('step_ratio', 'step ratio', '.2f'),
+      ('host_bytes_host_aug', 'bytes, host aug', ','),
+      ('host_bytes_device_aug', 'bytes, device aug', ',')]))
+  return blocks
+
+
 def fault_page(results: Results) -> List[str]:
   name = 'fault_injection.json'
   data = results[name]
@@ -619,6 +647,11 @@ PAGES = [
          ['seeds_throughput.json', 'train_throughput.json', 'volume_pipeline.json',
           'host_pipeline.json', 'pipeline_autotune.json', 'unet_upsampling.json'],
          throughput_page),
+    Page('accelerators.md', 'Mixed precision and augmentation on the accelerator',
+         'What `train.precision` and `data.augment_on` change, measured; how to run on a GPU '
+         'or TPU: [GPUs and TPUs](../accelerators.md). No GPU or TPU was available for these '
+         'numbers: `benchmarks/accelerator.py` is the command for one.',
+         ['precision.json', 'device_augment.json'], accelerator_page),
     Page('fault_injection.md', 'Fault injection',
          '`benchmarks/fault_injection.py` kills `medjax train` with SIGKILL at random moments '
          'and inside checkpoint writes, resumes each time, and checks that the finished workdir '
