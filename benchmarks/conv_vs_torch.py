@@ -33,7 +33,6 @@ import argparse
 import functools
 import math
 import os
-import platform
 import time
 from typing import Callable, Dict, List
 
@@ -45,7 +44,7 @@ import optax
 import torch
 import torch.nn.functional as F
 
-from medjax.models import build_model, conv as conv_lib
+from medjax.models import build_model, conv as conv_lib, conv_tune
 from results_table import (check_fits, print_skipped, print_table, run_case,
                            write_results)  # benchmarks/ is on sys.path when run
 
@@ -64,14 +63,7 @@ LAYER_MODELS = ('resnet18_28', 'unet3d_hippocampus', 'resnet18_3d_28')
 
 
 def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
+  return conv_tune.cpu_model()
 
 
 def median_seconds(fn: Callable[[], None], reps: int, warmup: int) -> float:
@@ -288,8 +280,9 @@ def _inputs(model_key: str):
   return x, rng.integers(0, classes, label_shape).astype(np.int64)
 
 
-def medjax_train_step(model_key: str, impl: str):
-  """A jit-compiled, donated step: cross-entropy, SGD with momentum, BatchNorm statistics."""
+def medjax_step(model_key: str, impl: str):
+  """(jitted donated step, state, x, y): cross-entropy, SGD with momentum, BatchNorm
+  statistics; ``step(state, x, y) -> (state, loss)``."""
   name, kwargs, shape, batch, classes = MODELS[model_key]
   model = build_model(name, classes, conv_impl=impl, **kwargs)
   x, y = _inputs(model_key)
@@ -309,9 +302,13 @@ def medjax_train_step(model_key: str, impl: str):
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new.get('batch_stats', stats), opt_state), loss
 
-  state = [(params, stats, tx.init(params))]
-  xj, yj = jnp.asarray(x), jnp.asarray(y, jnp.int32)
-  check_fits(step, state[0], xj, yj)  # a step that cannot fit is skipped before it runs
+  return step, (params, stats, tx.init(params)), jnp.asarray(x), jnp.asarray(y, jnp.int32)
+
+
+def medjax_train_step(model_key: str, impl: str):
+  """A closure running one step of :func:`medjax_step` and waiting for it."""
+  step, state0, xj, yj = medjax_step(model_key, impl)
+  state = [state0]
 
   def run():
     state[0], loss = step(state[0], xj, yj)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import glob
 import gzip
 import json
@@ -42,13 +41,11 @@ import time
 from typing import Dict, List
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 
 import conv_vs_torch as cvt  # benchmarks/ is on sys.path when run
-from medjax.models import build_model, conv_tune
+from medjax.models import conv_tune
 from results_table import print_table, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,26 +89,7 @@ def impl_context(impl: str):
 
 def medjax_step(case: str, impl: str):
   """(jitted step, state, x, y): ``conv_vs_torch``'s step (SGD momentum, cross-entropy)."""
-  name, kwargs, _, _, classes = cvt.MODELS[case]
-  model = build_model(name, classes, conv_impl=impl, **kwargs)
-  x, y = cvt._inputs(case)
-  variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
-  tx = optax.sgd(0.01, momentum=0.9)
-  params, stats = variables['params'], variables.get('batch_stats', {})
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, x, y):
-    params, stats, opt_state = state
-
-    def loss_fn(p):
-      out, new = model.apply({'params': p, 'batch_stats': stats}, x, train=True,
-                             mutable=['batch_stats'])
-      return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), new
-    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), new.get('batch_stats', stats), opt_state), loss
-
-  return step, (params, stats, tx.init(params)), jnp.asarray(x), jnp.asarray(y, jnp.int32)
+  return cvt.medjax_step(case, impl)
 
 
 def _shape_size(text: str) -> int:
