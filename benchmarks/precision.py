@@ -4,11 +4,11 @@ with its metrics and training throughput side by side.
 Cases: the quickstart (``configs/quickstart.py``: simple CNN, embedded synthetic lesions, test
 AUC) and a short Hippocampus run (``configs/hippocampus_unet3d.py:cpu``, the 2.5D U-Net on
 axis-0 slices, cut to ``--hippo_epochs`` epochs of 50 steps; validation Dice on the 40 fold-0
-validation volumes; needs ../shared/data). On a CPU bfloat16 saves memory, not time (XLA's
-CPU convolutions convert to float32); the point here is that the metrics hold; the speed
-that bfloat16 buys is measured on a GPU or TPU by ``benchmarks/accelerator.py``.
+validation volumes; needs ../shared/data). On a CPU bfloat16 is slower (measured 0.74-0.82x);
+the point here is that the metrics hold; the speed that bfloat16 buys is measured on a GPU or
+TPU by ``benchmarks/accelerator.py``.
 
-  python benchmarks/precision.py                        # ~15 min on 2 cores
+  python benchmarks/precision.py                        # ~25 min on 2 cores
   python benchmarks/precision.py --cases quickstart     # ~5 min
 """
 
