@@ -1,7 +1,8 @@
 """One run's bookkeeping in the training loop: its workdir, checkpoints and log
 (:class:`Member`), when to log, evaluate and stop (:class:`Cadence`), the checks that stop a
 diverged run, SIGTERM (every process of a multi-host run stops at the same step), and the
-start of training (fresh, or resumed from the newest step every member has intact). The loop itself is :mod:`medjax.train`.
+start of training (fresh, or resumed from the newest step every member has intact). The
+loop itself is :mod:`medjax.train`.
 """
 
 from __future__ import annotations

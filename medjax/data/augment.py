@@ -161,9 +161,10 @@ def blur_radius(aug: ml_collections.ConfigDict) -> int:
 def draw_params(aug: ml_collections.ConfigDict, seed: tf.Tensor, image_shape: tf.Tensor):
   """Every random parameter of one image's augmentation from its seed ``[2]``: gates
   (``flip_lr``, ``flip_ud``, ``affine``, ``brightness``, ``contrast``, ``blur``, ``noise``;
-  the last five Python ``True`` when ``aug.op_prob`` is 1) and values (``angle``, ``shear`` radians; ``zoom``; ``shift_y``, ``shift_x`` pixels;
-  ``shift`` brightness; ``factor`` contrast; ``sigma`` blur; ``noise`` ``[*spatial, C]``
-  already times its std; ``cutout_u``, ``cutout_v`` in [0, 1)); only the enabled ops'."""
+  the last five Python ``True`` when ``aug.op_prob`` is 1) and values (``angle``,
+  ``shear`` radians; ``zoom``; ``shift_y``, ``shift_x`` pixels; ``shift`` brightness;
+  ``factor`` contrast; ``sigma`` blur; ``noise`` ``[*spatial, C]`` already times its std;
+  ``cutout_u``, ``cutout_v`` in [0, 1)); only the enabled ops'."""
   seeds = tf.random.experimental.stateless_split(seed, num=6)
   uniform = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform(  # noqa: E731
       [], seeds[i], minval=lo, maxval=hi)

@@ -282,7 +282,8 @@ CROP_TARGETS = ('label', 'centre', 'low', 'high')
 def auto_patch_size(prepared, slice_axis, stride: int, cap_3d: int = 128,
                     cap_2d: int = 512) -> Tuple[int, ...]:
   """The median prepared case shape (a slice of it for 2D slices), rounded up to a multiple
-  of the network's total stride (``stride``) and capped per axis (128 voxels in 3D, 512 pixels in 2D)."""
+  of the network's total stride (``stride``) and capped per axis (128 voxels in 3D, 512
+  pixels in 2D)."""
   shapes = np.array([r['shape'] for r in prepared.records.values()])
   median = np.median(shapes, axis=0)
   if slice_axis is not None:
