@@ -90,7 +90,7 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale():
   a representable scale then updates the model and counts towards growth."""
   exp = make_experiment(_config('train.precision=float16', 'train.loss_scale_init=1e30',
                                 'train.loss_scale_growth_interval=2',
-                                model=dict(name='resnet18', width=4)))
+                                model=dict(name='resnet', stage_sizes=(1, 1), width=4)))
   state = exp.init_state()
   images, labels = _batch(exp)
   before = _host_copy(state)
