@@ -71,7 +71,7 @@ def all_finite(tree: Any) -> jax.Array:
 def next_loss_scale(loss_scale: Dict[str, jax.Array], finite: jax.Array,
                     growth_interval: int) -> Dict[str, jax.Array]:
   """The loss-scale state after a step: halved after a non-finite step; doubled after
-  ``growth_interval`` finite steps in a row (float32's range bounds it)."""
+  ``growth_interval`` finite steps in a row; kept within [1, float32's largest / 2]."""
   good = jnp.where(finite, loss_scale['good_steps'] + 1, 0)
   grow = good >= growth_interval
   scale = jnp.where(finite, jnp.where(grow, loss_scale['scale'] * 2.0, loss_scale['scale']),

@@ -260,7 +260,6 @@ class SegmentationSampler:
     ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return numpy_batches(ds)
 
-
   def _load_crop(self, pair, channels: int):
     """``(crop, {'label', 'centre', 'low', 'high'})`` of sample ``pair`` as tf tensors."""
     import tensorflow as tf

@@ -201,10 +201,11 @@ def lookup(input_shape, kernel_shape, strides, pads, rule: str, convolve: Callab
   """What ``'auto'`` runs on CPU for one layer (order: pinned, cached, measured, rule);
   ``convolve`` runs a candidate when one is measured (see :func:`measure`)."""
   key = layer_key(input_shape, kernel_shape, strides, pads)
+  cached = load_cache() if _autotune else {}
   if _pinned is not None and key in _pinned:
     impl = _pinned[key]
-  elif _autotune and key in load_cache():
-    impl = load_cache()[key]
+  elif key in cached:
+    impl = cached[key]
   elif _autotune:
     impls = candidates(input_shape, kernel_shape, strides)
     impl = pick(measure(input_shape, kernel_shape, strides, pads, impls, convolve), rule)
