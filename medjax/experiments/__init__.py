@@ -9,6 +9,8 @@ found by ``config.task`` in one table.
 ``segmentation``                                       :class:`SegmentationExperiment`
 ``contrastive``                                        :class:`ContrastiveExperiment`
                                                        (SimCLR pretraining, no labels)
+``detection``                                          :class:`DetectionExperiment`
+                                                       (Retina U-Net, boxes in 2D and 3D)
 =====================================================  ===================================
 
 A new task is one new module: subclass ``Experiment`` (see its docstring for what to
@@ -24,13 +26,15 @@ from medjax.experiments.registry import TASKS, make_experiment, register_task, t
 from medjax.experiments.state import TrainingDiverged, TrainState
 from medjax.experiments.classification import ClassificationExperiment
 from medjax.experiments.contrastive import ContrastiveExperiment
+from medjax.experiments.detection import DetectionExperiment
 from medjax.experiments.segmentation import SegmentationExperiment
 
 __all__ = ['Experiment', 'TrainState', 'TrainingDiverged', 'ClassificationExperiment',
-           'SegmentationExperiment', 'ContrastiveExperiment', 'TASKS', 'register_task',
+           'SegmentationExperiment', 'ContrastiveExperiment', 'DetectionExperiment', 'TASKS', 'register_task',
            'make_experiment', 'task_class']
 
 for _task in ('auto',) + tasks.TASKS:
   register_task(_task, ClassificationExperiment)
 register_task('segmentation', SegmentationExperiment)
 register_task('contrastive', ContrastiveExperiment)
+register_task('detection', DetectionExperiment)

@@ -91,6 +91,9 @@ class UNet(nn.Module):
     conv_impl: convolution implementation (``medjax.models.conv``; 'auto' = fastest per
       backend). Transposed convolutions with kernel = stride run as a matrix product on CPU.
     dtype: compute dtype (``train.precision``); parameters and logits stay float32.
+    return_features: also return each decoder level's features (``(logits, [f_0, f_1,
+      ...])``, ``f_l [B, *spatial / stride_l, features[l]]`` with ``stride_l`` the product
+      of ``strides[:l + 1]``), for heads built on the decoder (Retina U-Net).
   """
   num_outputs: int
   features: Sequence[int] = (32, 64, 128, 256, 320)
@@ -104,6 +107,7 @@ class UNet(nn.Module):
   initializer: str = 'he'
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
+  return_features: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
@@ -131,7 +135,7 @@ class UNet(nn.Module):
     for level, (f, s) in enumerate(zip(self.features, self.strides)):
       x = block(f, s, name=f'encoder{level}')(x, train)
       skips.append(x)
-    outputs = []
+    outputs, decoded = [], {}
     for level in range(len(self.features) - 2, -1, -1):
       f, s = self.features[level], self.strides[level + 1]
       if self.upsample == 'transpose':
@@ -142,12 +146,15 @@ class UNet(nn.Module):
         x = conv1(f, kernel_init=kernel_init(self.initializer), name=f'up{level}')(x)
       x = jnp.concatenate([x, skips[level]], axis=-1)
       x = block(f, 1, name=f'decoder{level}')(x, train)
+      decoded[level] = x
       if self.deep_supervision and level > 0:
         outputs.append(conv1(self.num_outputs, name=f'ds_head{level}')(x))
     logits = conv1(self.num_outputs, name='head')(x)
     logits = logits.astype(jnp.float32)
     if self.deep_supervision and train:
-      return [logits] + [o.astype(jnp.float32) for o in reversed(outputs)]
+      logits = [logits] + [o.astype(jnp.float32) for o in reversed(outputs)]
+    if self.return_features:
+      return logits, [decoded[level] for level in sorted(decoded)]
     return logits
 
 
