@@ -21,9 +21,10 @@ def raster(box, extent):
   return np.all([(g >= box[d]) & (g < box[nd + d]) for d, g in enumerate(grids)], axis=0)
 
 
-def raster_iou_giou(a, b, extent):
-  """IoU and GIoU of two integer boxes by counting voxels."""
-  ma, mb = raster(a, extent), raster(b, extent)
+def raster_iou_giou(a, b, extent, ma=None, mb=None):
+  """IoU and GIoU of two integer boxes by counting voxels (``ma``, ``mb``: their masks)."""
+  ma = raster(a, extent) if ma is None else ma
+  mb = raster(b, extent) if mb is None else mb
   inter, union = np.sum(ma & mb), np.sum(ma | mb)
   nd = len(a) // 2
   hull = np.concatenate([np.minimum(a[:nd], b[:nd]), np.maximum(a[nd:], b[nd:])])
@@ -108,11 +109,14 @@ def test_pairwise_iou_giou_equal_voxel_counts(nd):
   a = random_boxes(rng, 9, nd, extent, integer=True)
   b = np.concatenate([random_boxes(rng, 7, nd, extent, integer=True), a[:2],
                       [[3.] * nd + [3.] * nd]])  # duplicates and a zero-size box
-  got_iou, got_giou = np.asarray(B.pairwise_iou(a, b)), np.asarray(B.pairwise_giou(a, b))
+  both = jax.jit(lambda a, b: (B.pairwise_iou(a, b), B.pairwise_giou(a, b)))
+  got_iou, got_giou = (np.asarray(x) for x in both(a, b))
   assert got_iou.shape == (9, 10)
+  masks_a = [raster(box, extent + 1) for box in a]
+  masks_b = [raster(box, extent + 1) for box in b]
   for i in range(len(a)):
     for j in range(len(b)):
-      iou, giou = raster_iou_giou(a[i].astype(int), b[j].astype(int), extent + 1)
+      iou, giou = raster_iou_giou(a[i], b[j], extent + 1, masks_a[i], masks_b[j])
       assert got_iou[i, j] == pytest.approx(iou, abs=1e-6)
       assert got_giou[i, j] == pytest.approx(giou, abs=1e-6)
   # Elementwise with leading shapes broadcast equals the pairwise diagonal.
@@ -125,9 +129,10 @@ def test_degenerate_boxes_give_no_nan_and_finite_gradients():
   b = jnp.array([[1., 1., 1., 1.], [0., 0., 2., 2.], [0., 0., 3., 3.], [5., 5., 5., 5.]])
   np.testing.assert_allclose(B.iou(a, b), [0, 1, 0, 0])
   np.testing.assert_allclose(B.giou(a, b), [0, 1, -6 / 15, -1])
-  for fn in (lambda x: jnp.sum(1 - B.giou(x, b)), lambda x: jnp.sum(B.iou(x, b)),
-             lambda x: jnp.sum(B.pairwise_giou(x, b))):
-    grad = jax.jit(jax.grad(fn))(a)
+  losses = (lambda x: jnp.sum(1 - B.giou(x, b)), lambda x: jnp.sum(B.iou(x, b)),
+            lambda x: jnp.sum(B.pairwise_giou(x, b)))
+  grads = jax.jit(lambda x: [jax.grad(fn)(x) for fn in losses])(a)  # one compilation
+  for grad in grads:
     assert np.all(np.isfinite(grad)), grad
 
 
@@ -194,6 +199,10 @@ def test_nms_ties_go_to_the_lower_index_and_all_suppressed():
   assert not np.any(valid) and np.all(np.asarray(indices) == -1)
   indices, valid = B.nms(boxes, np.array([0.1, np.nan, -np.inf, 0.3]), 0.99, 4)
   assert kept((indices, valid)) == [3, 0]  # NaN and -inf scores never count
+  indices, valid = B.nms(np.zeros((0, 6)), np.zeros(0), 0.5, 2)  # no boxes at all
+  assert indices.tolist() == [-1, -1] and valid.tolist() == [False, False]
+  out = B.weighted_box_clustering(np.zeros((0, 6)), np.zeros(0), 0.5, 2)
+  assert out.boxes.shape == (2, 6) and not np.any(out.valid)
 
 
 def test_batched_nms_keeps_classes_apart_and_equals_reference():

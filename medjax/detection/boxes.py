@@ -192,13 +192,25 @@ def check_candidates(boxes, scores, classes, max_output) -> tuple:
   return boxes, scores, classes
 
 
-def next_pick(alive, scores, boxes, classes, iou_threshold):
+def iou_with_one(columns, volumes, index) -> jax.Array:
+  """``[N]`` IoU of box ``index`` with every box, given the boxes as ``columns [2nd, N]``
+  (one row per coordinate, contiguous along N) and their ``volumes [N]``, both computed
+  once outside the pick loop."""
+  nd = columns.shape[0] // 2
+  lo, hi = columns[:nd], columns[nd:]
+  pick = columns[:, index]
+  extent = jnp.minimum(hi, pick[nd:, None]) - jnp.maximum(lo, pick[:nd, None])
+  inter = jnp.prod(jnp.maximum(extent, 0.0), axis=0)
+  return safe_divide(inter, volumes[index] + volumes - inter)
+
+
+def next_pick(alive, scores, columns, volumes, classes, iou_threshold):
   """The highest-scoring alive box (lowest index on ties), whether there was one, and the
   ``[N]`` IoU of every box with it, with ``same`` marking the boxes it may absorb
   (IoU above the threshold and, when classes are given, the same class)."""
   index = jnp.argmax(jnp.where(alive, scores, -jnp.inf)).astype(jnp.int32)
   found = alive[index]
-  overlap = iou(boxes[index], boxes)
+  overlap = iou_with_one(columns, volumes, index)
   same = overlap > iou_threshold
   if classes is not None:
     same = same & (classes == classes[index])
@@ -216,11 +228,14 @@ def batched_nms(boxes, scores, classes, iou_threshold, max_output: int,
   and valid False. Empty boxes overlap nothing: they are kept (score permitting) and
   suppress nothing. ``max_output`` is static; vmap over a batch axis works."""
   boxes, scores, classes = check_candidates(boxes, scores, classes, max_output)
+  if boxes.shape[0] == 0:
+    return jnp.full(max_output, -1, jnp.int32), jnp.zeros(max_output, bool)
   alive = scores > score_threshold  # also drops NaN scores
+  volumes, columns = box_volume(boxes), boxes.T
 
   def body(state):
     step, alive, indices, valid = state
-    index, found, _, same = next_pick(alive, scores, boxes, classes, iou_threshold)
+    index, found, _, same = next_pick(alive, scores, columns, volumes, classes, iou_threshold)
     alive = alive & ~same & (jnp.arange(alive.shape[0]) != index)
     indices = indices.at[step].set(jnp.where(found, index, -1))
     return step + 1, alive, indices, valid.at[step].set(found)
@@ -277,18 +292,26 @@ def weighted_box_clustering(boxes, scores, iou_threshold, max_output: int,
   prior = jnp.ones(n, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
   expected = (None if expected_members is None else
               jnp.broadcast_to(jnp.asarray(expected_members, jnp.float32), (n,)))
+  empty = Clusters(jnp.zeros((max_output, boxes.shape[1]), jnp.float32),
+                   jnp.zeros(max_output, jnp.float32), jnp.full(max_output, -1, jnp.int32),
+                   jnp.zeros(max_output, bool))
+  if n == 0:
+    return empty
   alive = scores > score_threshold
+  volumes, columns = box_volume(boxes), boxes.T
 
   def body(state):
     step, alive, out = state
-    index, found, overlap, same = next_pick(alive, scores, boxes, classes, iou_threshold)
+    index, found, overlap, same = next_pick(alive, scores, columns, volumes, classes,
+                                            iou_threshold)
     is_seed = jnp.arange(n) == index
     member = alive & (same | is_seed)
     agreement = jnp.where(member, jnp.where(is_seed, 1.0, overlap) * prior, 0.0)  # o_j p_j
     box_weight = agreement * scores
     total = jnp.sum(box_weight)
-    merged = jnp.where(total > 0, box_weight @ boxes / jnp.where(total > 0, total, 1.0),
-                       boxes[index])
+    # A sum, not a matmul: accelerators may run float32 matmuls at reduced precision.
+    weighted = jnp.sum(box_weight[:, None] * boxes, axis=0)
+    merged = jnp.where(total > 0, weighted / jnp.where(total > 0, total, 1.0), boxes[index])
     denominator = jnp.sum(agreement)
     if expected is not None:
       count = jnp.sum(member)
@@ -305,8 +328,5 @@ def weighted_box_clustering(boxes, scores, iou_threshold, max_output: int,
     step, alive, _ = state
     return (step < max_output) & jnp.any(alive)
 
-  empty = Clusters(jnp.zeros((max_output, boxes.shape[1]), jnp.float32),
-                   jnp.zeros(max_output, jnp.float32), jnp.full(max_output, -1, jnp.int32),
-                   jnp.zeros(max_output, bool))
   _, _, out = jax.lax.while_loop(more, body, (jnp.int32(0), alive, empty))
   return out
