@@ -90,6 +90,10 @@ def test_size_volume_centre_and_clip():
     B.clip_boxes([[-2., 3., 9., 12.]], (8,))
   with pytest.raises(ValueError, match='last axis of 2\\*nd'):
     B.box_volume(np.zeros((4, 5)))
+  with pytest.raises(ValueError, match='box sets \\[N, 2nd\\] and \\[M, 2nd\\]'):
+    B.pairwise_iou(np.zeros(4), np.zeros((3, 4)))
+  with pytest.raises(ValueError, match='2D and 3D cannot be compared'):
+    B.iou(np.zeros(4), np.zeros(6))
 
 
 def test_iou_and_giou_hand_computed_2d_and_3d():

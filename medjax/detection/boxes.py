@@ -113,14 +113,24 @@ def giou(a, b) -> jax.Array:
   return safe_divide(inter, union) - safe_divide(enclosing - union, enclosing)
 
 
+def box_sets(a, b) -> tuple:
+  """``a [N, 1, 2nd]`` and ``b [1, M, 2nd]`` for pairwise comparison; a ValueError unless
+  both are 2-D."""
+  a, b = as_boxes(a), as_boxes(b)
+  if a.ndim != 2 or b.ndim != 2:
+    raise ValueError(f'pairwise comparison needs box sets [N, 2nd] and [M, 2nd], got shapes '
+                     f'{a.shape} and {b.shape}')
+  return a[:, None], b[None]
+
+
 def pairwise_iou(a, b) -> jax.Array:
   """IoU of every box in ``a [N, 2nd]`` with every box in ``b [M, 2nd]``: ``[N, M]``."""
-  return iou(jnp.asarray(a)[:, None], jnp.asarray(b)[None])
+  return iou(*box_sets(a, b))
 
 
 def pairwise_giou(a, b) -> jax.Array:
   """GIoU of every box in ``a [N, 2nd]`` with every box in ``b [M, 2nd]``: ``[N, M]``."""
-  return giou(jnp.asarray(a)[:, None], jnp.asarray(b)[None])
+  return giou(*box_sets(a, b))
 
 
 # ----- regression deltas ---------------------------------------------------------------
