@@ -593,6 +593,21 @@ def fault_page(results: Results) -> List[str]:
                             ('identical', 'identical to uninterrupted', '')])]
 
 
+# ----- detection ---------------------------------------------------------------------------
+
+
+def detection_nms_page(results: Results) -> List[str]:
+  name = 'nms.json'
+  data = results[name]
+  return section('3D NMS: JAX against NumPy', name, data) + [markdown_table(data['results'], [
+      ('case', 'case', ''), ('kept', 'kept', ''), ('jax_ms', 'JAX ms', '.2f'),
+      ('numpy_ms', 'NumPy ms', '.2f'), ('numpy_over_jax', 'NumPy / JAX', '.2f'),
+      ('first_call_s', 'JAX first call s', '.2f'), ('same_indices', 'same indices', '')]),
+      'Load average (1, 5, 15 min) ' + ', '.join(f'{v:.1f}' for v in data['load_average_start'])
+      + ' at the start, ' + ', '.join(f'{v:.1f}' for v in data['load_average_end'])
+      + ' at the end.']
+
+
 # ----- pages --------------------------------------------------------------------------------
 
 FEW_LABELS_INTRO = (
@@ -652,6 +667,11 @@ PAGES = [
          'or TPU: [GPUs and TPUs](../accelerators.md). No GPU or TPU was available for these '
          'numbers: `benchmarks/accelerator.py` is the command for one.',
          ['precision.json', 'device_augment.json'], accelerator_page),
+    Page('detection_nms.md', 'Detection: non-maximum suppression',
+         'Greedy NMS of `medjax.detection.boxes` (`benchmarks/nms.py`): jit-compiled with a '
+         'fixed output size, each of `max_output` picks compared with all N boxes, against a '
+         'NumPy greedy NMS on the same boxes. See [benchmarks](../benchmarks.md).',
+         ['nms.json'], detection_nms_page),
     Page('fault_injection.md', 'Fault injection',
          '`benchmarks/fault_injection.py` kills `medjax train` with SIGKILL at random moments '
          'and inside checkpoint writes, resumes each time, and checks that the finished workdir '
