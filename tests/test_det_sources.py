@@ -117,7 +117,7 @@ def _sphere_volume(affine, centre_ras, radius, path):
   world = nib.affines.apply_affine(affine, grid).reshape(SHAPE + (3,))
   sphere = np.linalg.norm(world - centre_ras, axis=-1) <= radius
   image = np.zeros(SHAPE, np.float32)
-  image[3:-2, 2:-3, 2:-2] = 1.0
+  image[6:-4, 5:-5, 4:-4] = 1.0
   image[sphere] = 10.0
   nib.save(nib.Nifti1Image(image, affine), str(path))
   return sphere
@@ -184,7 +184,12 @@ def test_box_on_the_prepared_array_matches_the_world_point(tmp_path, name):
   found = sources.boxes_from_label_map(sphere.astype(np.uint8))[0]
   world_affine = sources.prepared_affine(record)
   expect, _ = sources.luna_boxes(np.array([[*centre_ras, 2 * radius]]), world_affine, 'RAS')
-  np.testing.assert_allclose(found, expect, atol=1.0)
+  # Linear resampling blurs the sphere's edge by up to a voxel of the original grid, so the
+  # thresholded voxels' box is a voxel or so off; its centre much less (measured up to 0.6
+  # voxels over random spheres); a crop left out of the affine moves it by 2-4 voxels.
+  np.testing.assert_allclose(found, expect, atol=1.5)
+  np.testing.assert_allclose(found[:, :3] + found[:, 3:], expect[:, :3] + expect[:, 3:],
+                             atol=2 * 0.75)
   # The prepared affine is the resampled grid's, moved to the crop's corner.
   start = [lo for lo, _ in record['crop_box']]
   np.testing.assert_allclose(nib.affines.apply_affine(world_affine, [0, 0, 0]),
