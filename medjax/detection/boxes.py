@@ -317,7 +317,7 @@ def weighted_box_clustering(boxes, scores, iou_threshold, max_output: int,
     is_seed = jnp.arange(n) == index
     member = alive & (same | is_seed)
     agreement = jnp.where(member, jnp.where(is_seed, 1.0, overlap) * prior, 0.0)  # o_j p_j
-    box_weight = agreement * scores
+    box_weight = jnp.where(member, agreement * scores, 0.0)  # padded rows: 0 * -inf = nan
     total = jnp.sum(box_weight)
     # A sum, not a matmul: accelerators may run float32 matmuls at reduced precision.
     weighted = jnp.sum(box_weight[:, None] * boxes, axis=0)
