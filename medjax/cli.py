@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Tuple
 
@@ -108,10 +109,18 @@ def _parser() -> argparse.ArgumentParser:
   predict.add_argument('--output', required=True, help='folder for the label maps')
   predict.add_argument('--step', type=int, default=None)
   score = sub.add_parser('score', help='score predicted label maps against references '
-                         '(per-case CSV and summary JSON)')
-  score.add_argument('--pred', required=True, help='folder of predicted NIfTI label maps')
-  score.add_argument('--ref', required=True, help='folder of reference NIfTI label maps')
-  score.add_argument('--out', required=True, help='folder for scores.csv and summary.json')
+                         '(per-case CSV and summary JSON), or detections against LUNA16 '
+                         'annotations (FROC, CPM)')
+  score.add_argument('--pred', help='folder of predicted NIfTI label maps')
+  score.add_argument('--ref', help='folder of reference NIfTI label maps')
+  score.add_argument('--detections', help='detections.csv (seriesuid,coordX,coordY,coordZ,'
+                     'probability; world mm, LPS)')
+  score.add_argument('--annotations', help='annotations.csv (seriesuid,coordX,coordY,coordZ,'
+                     'diameter_mm)')
+  score.add_argument('--series_ids', default=None, help='seriesuids.csv: every scan scored '
+                     '(default: the scans named in either file)')
+  score.add_argument('--excluded', default=None, help="LUNA16's annotations_excluded.csv")
+  score.add_argument('--out', required=True, help='folder for the scores')
   score.add_argument('--num_classes', type=int, default=None,
                      help='classes including background (default: from the data)')
   score.add_argument('--label_values', default='',
@@ -292,12 +301,31 @@ def _benchmark(args) -> int:
 
 def _score(args) -> int:
   from medjax import scoring
+  if args.detections or args.annotations:
+    return _score_detections(args)
+  if not (args.pred and args.ref):
+    raise ValueError('score needs --pred and --ref (label maps), or --detections and '
+                     '--annotations (LUNA16 CSVs)')
   values = tuple(int(v) for v in args.label_values.split(',')) if args.label_values else ()
   summary = scoring.score_folders(args.pred, args.ref, args.out, args.num_classes, values)
   print(f"{summary['cases']} cases")
   for cls, entry in summary['classes'].items():
     print(f'class {cls}: ' + ', '.join(f"{m} {v['mean']:.4f} ± {v['sd']:.4f}"
                                        for m, v in entry.items()))
+  return 0
+
+
+def _score_detections(args) -> int:
+  from medjax.detection import froc
+  from medjax.workdir import write_json
+  if not (args.detections and args.annotations):
+    raise ValueError('score needs both --detections and --annotations')
+  summary = froc.score_csv(args.detections, args.annotations, args.series_ids, args.excluded)
+  os.makedirs(args.out, exist_ok=True)
+  write_json(os.path.join(args.out, 'froc.json'), summary)
+  rates = [k for k in summary if k.startswith('sensitivity_at_')]
+  print(f"CPM {summary['cpm']:.4f}; sensitivity " + ', '.join(
+      f"{summary[k]:.3f} at {k[len('sensitivity_at_'):]}" for k in rates) + ' FP/scan')
   return 0
 
 

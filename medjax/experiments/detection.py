@@ -31,7 +31,9 @@ import numpy as np
 from medjax import config as config_lib, workdir as workdir_lib
 from medjax.data import detection_data, prepare, synthetic_detection
 from medjax.data.sampling import SegAugment, auto_patch_size
+from medjax.data import layouts
 from medjax.detection import anchors as anchors_lib, det_inference, det_losses, det_metrics
+from medjax.detection import det_outputs, froc
 from medjax.experiments.base import Experiment
 from medjax.models.retina_unet import RetinaUNet, head_strides
 
@@ -86,6 +88,9 @@ class DetectionExperiment(Experiment):
                        f"{', '.join(det_losses.DETECTION_LOSSES)}")
     root = cfg.root
     cache = cfg.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'medjax')
+    self.luna_root = root if root and det_outputs.is_luna_layout(root) else ''
+    if self.luna_root:  # imagesTr/ + annotations.csv: a sphere label map per scan, once
+      root = det_outputs.luna_as_labelled(root, cache)
     if not root:
       if cfg.synthetic_cases <= 0:
         raise ValueError('task=detection needs data.root (a folder of images and label maps, '
@@ -96,6 +101,7 @@ class DetectionExperiment(Experiment):
     prepared = prepare.prepare(root, cache, prepare.options_from_config(cfg), cfg.max_cases)
     split = prepare.kfold_split(prepared.case_ids, cfg.num_folds, cfg.fold, cfg.split_seed)
     names = (list(cfg.class_names) or (synthetic_detection.CLASS_NAMES[1:] if not cfg.root
+                                       else ['nodule'] if self.luna_root
                                        else prepared.class_names[1:]))
     if len(names) != len(prepared.class_names) - 1:
       raise ValueError(f'data.class_names has {len(names)} names but the labels have '
@@ -167,8 +173,18 @@ class DetectionExperiment(Experiment):
     predictions = {c: self.detect_prepared(state, self.data.cases[c][0]) for c in cases}
     truth = {c: self.data.objects[c] for c in cases}
     metrics = det_metrics.mean_average_precision(predictions, truth, self.num_classes)
-    froc = det_metrics.froc_boxes(predictions, truth, hit='ellipsoid')
-    metrics.update({k: v for k, v in froc.items() if isinstance(v, (int, float))})
+    if self.luna_root:  # LUNA16's own rule: centres within the radius, in world mm
+      annotations = froc.read_luna_csv(os.path.join(self.luna_root, 'annotations.csv'),
+                                       'diameter_mm')
+      found = []
+      for c in cases:
+        rec = det_outputs.case_record(predictions[c], self.data.prepared.records[c],
+                                      self.class_names)
+        found += [(c, *d['centre_lps_mm'], d['score']) for d in rec['detections']]
+      scores = froc.froc_world(found, annotations, cases)
+    else:
+      scores = det_metrics.froc_boxes(predictions, truth, hit='ellipsoid')
+    metrics.update({k: v for k, v in scores.items() if isinstance(v, (int, float))})
     return metrics, predictions
 
   def headline_metrics(self, metrics: Dict[str, Any]) -> list:
@@ -197,6 +213,28 @@ class DetectionExperiment(Experiment):
   def set_evaluation_options(self, mirror_axes=None) -> None:
     if mirror_axes is not None:
       self.config.inference.mirror_axes = tuple(int(a) for a in mirror_axes)
+
+  def input_suffixes(self):
+    return (layouts.NIFTI_SUFFIXES if self.data.prepared.spatial_dims == 3
+            else layouts.IMAGE_SUFFIXES)
+
+  def predict_files(self, members, files, output_dir: str) -> list:
+    """Detections of new files (:mod:`medjax.detection.det_outputs`): each prepared as the
+    training cases were, detected by sliding window by every member, the members' boxes
+    merged (``detection.merge``), mapped back to the file's voxels and world."""
+    prepared = self.data.prepared
+    records, shapes = {}, {}
+    for path in files:
+      image, record = prepare.prepare_image(path, prepared.resolved_options(),
+                                            prepared.target_spacing)
+      found = [exp.detect_prepared(state, image) for exp, state in members]
+      found = det_inference.merge({k: np.concatenate([f[k] for f in found]) for k in found[0]},
+                                  self.config.detection) if len(found) > 1 else found[0]
+      name = layouts.strip_suffix(os.path.basename(path))
+      records[name] = det_outputs.case_record(found, record, self.class_names)
+      shapes[name] = record['original_shape']
+    return det_outputs.write_predictions(records, shapes, self.class_names, output_dir,
+                                         self.config.detection.coco_score_threshold)
 
   def run_files(self) -> Dict[str, Any]:
     """``split.json``, ``anchors.json`` (the anchor plan) and ``data_fingerprint.json``."""
