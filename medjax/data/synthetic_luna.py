@@ -36,6 +36,7 @@ import numpy as np
 
 from medjax.data import synthetic_chest
 from medjax.data.synthetic_chest import Grid
+from medjax.detection.sources import lps_ras
 
 # Voxels along the patient's (left-right, posterior-anterior, inferior-superior) axes.
 DEFAULT_SHAPE_RANGE = ((96, 128), (96, 128), (40, 64))
@@ -53,13 +54,9 @@ _UNIT = {'R': (0, 1.0), 'L': (0, -1.0), 'A': (1, 1.0), 'P': (1, -1.0), 'S': (2, 
 CSV_HEADER = 'seriesuid,coordX,coordY,coordZ,diameter_mm'
 
 
-def ras_to_lps(points: np.ndarray) -> np.ndarray:
-  """World points ``[..., 3]`` RAS mm (nibabel) <-> LPS mm (ITK, DICOM, LUNA16): x, y negated.
-  The map is its own inverse."""
-  return np.asarray(points, np.float64) * np.array([-1.0, -1.0, 1.0])
-
-
-lps_to_ras = ras_to_lps
+# World points [..., 3] RAS mm (nibabel) <-> LPS mm (ITK, DICOM, LUNA16): x, y negated; the
+# one conversion of medjax (medjax.detection.sources), its own inverse.
+ras_to_lps = lps_to_ras = lps_ras
 
 
 def _tilt(degrees: float) -> np.ndarray:

@@ -108,8 +108,9 @@ def describe(sizes: Sequence[np.ndarray], strides: Sequence[int], box_sizes: np.
   """The anchor plan as JSON: per level its stride and shapes, and how the best anchor of
   each training box overlaps it (median, 5th percentile, share below IoU 0.3)."""
   best = best_anchor_iou(box_sizes, sizes)
-  return {'levels': [{'stride': int(s), 'sizes': np.round(np.asarray(z), 2).tolist()}
-                     for s, z in zip(strides, sizes)],
+  levels = [{'stride': int(s), 'sizes': np.round(np.asarray(z, np.float64), 2).tolist()}
+            for s, z in zip(strides, sizes)]
+  return {'levels': levels,
           'training_boxes': int(len(box_sizes)),
           'best_anchor_iou_median': round(float(np.median(best)), 4),
           'best_anchor_iou_p05': round(float(np.percentile(best, 5)), 4),

@@ -1,6 +1,6 @@
 """Whole-image detection by sliding windows: boxes of every window (and test-time mirror)
 decoded, moved to image coordinates and merged by class-aware NMS or weighted box
-clustering; then boxes mapped from the prepared grid back to the file's voxels and world.
+clustering; then boxes mapped from the prepared grid back to the file's voxels.
 
 Windows are the segmentation's (:func:`medjax.inference.window_starts`, ``inference.overlap``);
 each window keeps its ``detection.max_per_window`` best (anchor, class) scores above
@@ -140,17 +140,3 @@ def prepared_to_original(boxes: np.ndarray, record: Mapping) -> np.ndarray:
   corners = [transform[:3, :3] @ (c - 0.5).T + transform[:3, 3:] for c in (lo, hi)]
   a, b = corners[0].T + 0.5, corners[1].T + 0.5
   return np.concatenate([np.minimum(a, b), np.maximum(a, b)], 1).astype(np.float32)
-
-
-def world_centres(boxes_original: np.ndarray, affine: np.ndarray, convention: str = 'LPS'
-                  ) -> np.ndarray:
-  """World centres ``[n, 3]`` in mm of boxes on a file's voxel grid with ``affine`` (voxel
-  index -> RAS mm): ``'RAS'`` as nibabel, ``'LPS'`` (x, y negated) as ITK / LUNA16."""
-  nd = boxes_original.shape[1] // 2
-  centre = (boxes_original[:, :nd] + boxes_original[:, nd:]) / 2 - 0.5
-  world = centre @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
-  if convention == 'LPS':
-    world = world * np.array([-1.0, -1.0, 1.0])
-  elif convention != 'RAS':
-    raise ValueError(f"convention '{convention}': expected 'LPS' or 'RAS'")
-  return world
