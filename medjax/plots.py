@@ -22,12 +22,12 @@ _CLASS_COLOURS = ('#e41a1c', '#377eb8', '#4daf4a', '#984ea3', '#ff7f00', '#a6562
                   '#999999')
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
   from matplotlib.figure import Figure
   return Figure(figsize=(width, height), dpi=_DPI, layout='constrained')
 
 
-def _suptitle(fig, title: str, width_inches: float) -> None:
+def suptitle(fig, title: str, width_inches: float) -> None:
   import textwrap
   fig.suptitle(textwrap.fill(title, max(30, int(width_inches * 13))), fontsize=10)
 
@@ -47,7 +47,7 @@ def read_metrics_log(workdir: str) -> List[Dict]:
 def learning_curves_figure(records: Sequence[Dict], selection_metric: str,
                            selected_step: Optional[int] = None):
   """Train/val loss and the validation selection metric against epochs."""
-  fig = _figure(9, 3.4)
+  fig = new_figure(9, 3.4)
   ax_loss, ax_metric = fig.subplots(1, 2)
   for split, style in (('train', '-'), ('val', 'o-')):
     rows = [r for r in records if r['split'] == split and 'loss' in r]
@@ -76,7 +76,7 @@ def roc_figure(task: str, labels: np.ndarray, scores: np.ndarray, class_names: S
                title: str = 'ROC'):
   """One-vs-rest ROC curve of every class (the positive class only for binary tasks)."""
   from sklearn.metrics import roc_curve
-  fig = _figure(4.6, 4.2)
+  fig = new_figure(4.6, 4.2)
   ax = fig.subplots()
   labels = np.asarray(labels)
   if task == 'binary':
@@ -103,7 +103,7 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str],
                      title: str = 'confusion matrix'):
   """Counts in each cell; colour = fraction of the true class (row-normalised)."""
   confusion = np.asarray(confusion)
-  fig = _figure(2.4 + 0.9 * len(class_names), 1.4 + 0.8 * len(class_names))
+  fig = new_figure(2.4 + 0.9 * len(class_names), 1.4 + 0.8 * len(class_names))
   ax = fig.subplots()
   rows = confusion.sum(axis=1, keepdims=True)
   fraction = confusion / np.where(rows > 0, rows, 1)
@@ -129,7 +129,7 @@ def reliability_figure(task: str, labels: np.ndarray, scores: np.ndarray, num_bi
   confidence, correct = metrics_lib.top_label_confidence(task, labels, scores)
   bins = metrics_lib.calibration_bins(confidence, correct, num_bins)
   ece = metrics_lib.expected_calibration_error(task, labels, scores, num_bins)
-  fig = _figure(4.6, 5.0)
+  fig = new_figure(4.6, 5.0)
   ax, ax_hist = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
   edges, width = bins['edges'][:-1], 1.0 / num_bins
   filled = bins['count'] > 0
@@ -166,7 +166,7 @@ def segmentation_overlay_figure(image2d: np.ndarray, reference2d: np.ndarray,
                                 title: str = ''):
   """Image, reference (solid contours) and prediction (dashed contours) of one slice
   ``[H, W]`` (rows are drawn top to bottom)."""
-  fig = _figure(7.5, 3.0)
+  fig = new_figure(7.5, 3.0)
   axes = fig.subplots(1, 3)
   _show_image(axes[0], image2d, 'image')
   _show_image(axes[1], image2d, 'reference')
@@ -177,7 +177,7 @@ def segmentation_overlay_figure(image2d: np.ndarray, reference2d: np.ndarray,
   handles = [Line2D([], [], color=_CLASS_COLOURS[k % 8], label=class_names[k])
              for k in range(1, len(class_names))]
   fig.legend(handles=handles, loc='outside lower center', ncols=len(handles), fontsize=8)
-  _suptitle(fig, title, 7.5)
+  suptitle(fig, title, 7.5)
   return fig
 
 
@@ -186,7 +186,7 @@ def explanation_figure(image2d: np.ndarray, maps: Dict[str, np.ndarray], title: 
   """The image and each map (in [0, 1]) overlaid on it, side by side; ``contour`` (a
   boolean ``[H, W]``, e.g. a lesion or predicted region) is outlined on every panel."""
   width = 2.3 * (1 + len(maps))
-  fig = _figure(width, 2.9)
+  fig = new_figure(width, 2.9)
   axes = np.atleast_1d(fig.subplots(1, 1 + len(maps)))
   _show_image(axes[0], image2d, 'image')
   for ax, (name, heat) in zip(axes[1:], maps.items()):
@@ -197,7 +197,7 @@ def explanation_figure(image2d: np.ndarray, maps: Dict[str, np.ndarray], title: 
       ax.contour(contour, levels=[0.5], colors=['white'], linewidths=1.0)
   if maps:
     fig.colorbar(shown, ax=list(axes), fraction=0.02, label='relevance (per-image max = 1)')
-  _suptitle(fig, title, width)
+  suptitle(fig, title, width)
   return fig
 
 

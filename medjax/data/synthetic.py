@@ -28,7 +28,7 @@ CLASS_PROBS = (0.45, 0.35, 0.20)
 _SPLIT_IDS = {'train': 0, 'val': 1, 'test': 2}
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cutoff: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, size: int, cutoff: float) -> np.ndarray:
   """Zero-mean, unit-variance noise low-passed by a Gaussian of ``cutoff`` cycles/pixel."""
   noise = rng.standard_normal((size, size))
   freq = np.fft.fftfreq(size)
@@ -37,11 +37,11 @@ def _smooth_noise(rng: np.random.Generator, size: int, cutoff: float) -> np.ndar
   return (field - field.mean()) / (field.std() + 1e-8)
 
 
-def _tissue(rng: np.random.Generator, size: int) -> np.ndarray:
+def tissue(rng: np.random.Generator, size: int) -> np.ndarray:
   yy, xx = np.mgrid[0:size, 0:size] / size
   angle = rng.uniform(0, 2 * np.pi)
   gradient = 0.15 * (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5))
-  texture = 0.10 * _smooth_noise(rng, size, 0.08) + 0.05 * _smooth_noise(rng, size, 0.25)
+  texture = 0.10 * smooth_noise(rng, size, 0.08) + 0.05 * smooth_noise(rng, size, 0.25)
   return 0.40 + gradient + texture
 
 
@@ -78,7 +78,7 @@ def _lesion_mask(rng: np.random.Generator, size: int, malignant: bool) -> np.nda
 
 def _image(rng: np.random.Generator, size: int, label3: int) -> tuple[np.ndarray, np.ndarray]:
   """A uint8 image ``[S, S]`` and its lesion mask ``[S, S]`` (bool; empty for normal)."""
-  image = _tissue(rng, size)
+  image = tissue(rng, size)
   mask = np.zeros((size, size))
   if label3 == 0 and rng.random() < 0.5:
     # Duct: a thin bright curve, a distractor for a model that just looks for brightness.
@@ -88,11 +88,11 @@ def _image(rng: np.random.Generator, size: int, label3: int) -> tuple[np.ndarray
     image = image + 0.25 * np.exp(-(curve * size) ** 2 / 2.0)
   elif label3 == 1:
     mask = _lesion_mask(rng, size, malignant=False)
-    image = image * (1 - mask) + mask * (rng.uniform(0.65, 0.85) + 0.02 * _smooth_noise(
+    image = image * (1 - mask) + mask * (rng.uniform(0.65, 0.85) + 0.02 * smooth_noise(
         rng, size, 0.2))
   elif label3 == 2:
     mask = _lesion_mask(rng, size, malignant=True)
-    image = image * (1 - mask) + mask * (rng.uniform(0.6, 0.85) + 0.10 * _smooth_noise(
+    image = image * (1 - mask) + mask * (rng.uniform(0.6, 0.85) + 0.10 * smooth_noise(
         rng, size, 0.3))
   speckle = 1.0 + 0.08 * rng.standard_normal((size, size))
   image = image * speckle + 0.02 * rng.standard_normal((size, size))

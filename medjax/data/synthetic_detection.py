@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from medjax.data.synthetic import _smooth_noise, _tissue
+from medjax.data.synthetic import smooth_noise, tissue
 
 CLASS_NAMES = ['background', 'nodule', 'mass']
 
@@ -52,7 +52,7 @@ def _duct(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def make_case(rng: np.random.Generator, size: int):
   """One image (uint8 ``[S, S]``) and its class map (uint8 ``[S, S]``)."""
-  image = _tissue(rng, size)
+  image = tissue(rng, size)
   for _ in range(rng.integers(0, 3)):
     image += 0.18 * _duct(rng, size)
   for _ in range(rng.integers(0, 3)):  # cysts: dark, lesion-sized
@@ -75,7 +75,7 @@ def make_case(rng: np.random.Generator, size: int):
     else:
       continue
     brightness = 0.22 if mass else 0.32
-    texture = 0.06 * _smooth_noise(rng, size, 0.3) if mass else 0.0
+    texture = 0.06 * smooth_noise(rng, size, 0.3) if mass else 0.0
     image = image * (1 - soft) + (image + brightness + texture) * soft
     label[hard] = 2 if mass else 1
   image += rng.normal(0, 0.03, image.shape)

@@ -33,7 +33,7 @@ from medjax.data import detection_data, prepare, synthetic_detection
 from medjax.data.sampling import SegAugment, auto_patch_size
 from medjax.data import layouts
 from medjax.detection import anchors as anchors_lib, det_inference, det_losses, det_metrics
-from medjax.detection import det_outputs, froc
+from medjax.detection import det_outputs, det_plots, froc
 from medjax.experiments.base import Experiment
 from medjax.models.retina_unet import RetinaUNet, head_strides
 
@@ -192,14 +192,20 @@ class DetectionExperiment(Experiment):
     return [k for k in keys if k in metrics]
 
   def save_predictions(self, workdir: str, split: str, predictions: Dict[str, Dict]) -> None:
-    """``predictions_<split>.json``: per case, boxes on the prepared grid and on the original
-    file's voxel grid, scores and class names."""
+    """``predictions_<split>.json``: per case its image file, the objects' boxes
+    (``truth_voxel``) and the detections' (``boxes_voxel``) on the file's voxel grid, the
+    detections' boxes on the prepared grid, scores and class names."""
     if not workdir_lib.is_main():
       return
     out = {}
     for case_id, found in predictions.items():
       record = self.data.prepared.records[case_id]
+      truth = self.data.objects[case_id]
       out[case_id] = {
+          'image': record['image'],
+          'truth_voxel': np.round(det_inference.prepared_to_original(truth['boxes'], record),
+                                  3).tolist(),
+          'truth_classes': [self.class_names[k] for k in truth['classes']],
           'boxes_prepared': np.round(found['boxes'], 3).tolist(),
           'boxes_voxel': np.round(det_inference.prepared_to_original(found['boxes'], record),
                                   3).tolist(),
@@ -235,6 +241,11 @@ class DetectionExperiment(Experiment):
       shapes[name] = record['original_shape']
     return det_outputs.write_predictions(records, shapes, self.class_names, output_dir,
                                          self.config.detection.coco_score_threshold)
+
+  @classmethod
+  def run_figures(cls, workdir: str, config: Dict, results: Dict, out_dir: str,
+                  splits) -> Dict[str, str]:
+    return det_plots.detection_figures(workdir, results, out_dir)
 
   def run_files(self) -> Dict[str, Any]:
     """``split.json``, ``anchors.json`` (the anchor plan) and ``data_fingerprint.json``."""
