@@ -274,3 +274,14 @@ def test_prepared_boxes_map_back_to_the_original_file(tmp_path):
       # Nearest-neighbour resampling moves a mask edge by at most one original voxel.
       assert len(truth) == 1
       np.testing.assert_allclose(box, truth[0], atol=1.01)
+
+
+def test_pooled_class_map_keeps_small_objects():
+  seg = np.zeros((1, 8, 8), np.int32)
+  seg[0, 3, 5] = 1
+  seg[0, 6:8, 0:2] = 2
+  pooled = np.asarray(det_losses.pooled_class_map(jnp.asarray(seg), (4, 4)))
+  expected = seg.reshape(1, 4, 2, 4, 2).max(axis=(2, 4))
+  np.testing.assert_array_equal(pooled, expected)
+  assert pooled[0, 1, 2] == 1 and pooled[0, 3, 0] == 2
+  np.testing.assert_array_equal(det_losses.pooled_class_map(jnp.asarray(seg), (8, 8)), seg)

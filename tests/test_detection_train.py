@@ -79,7 +79,8 @@ def test_2d_detector_trains_and_writes_coco(lesions_run):
   assert set(predictions) == set(json.load(open(os.path.join(workdir, 'split.json')))['val'])
   # predict on two of the embedded PNGs: per-file JSON and a COCO file pycocotools reads.
   from pycocotools.coco import COCO
-  images = os.path.join(str(tmp / 'cache'), 'synthetic_detection_24_64', 'imagesTr')
+  images = os.path.join(str(tmp / 'cache'), f'synthetic_detection_v{synthetic_detection.VERSION}'
+                        '_24_64', 'imagesTr')
   inputs = tmp / 'inputs'
   inputs.mkdir()
   for name in sorted(os.listdir(images))[:2]:

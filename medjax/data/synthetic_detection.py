@@ -23,6 +23,7 @@ import numpy as np
 from medjax.data.synthetic import smooth_noise, tissue
 
 CLASS_NAMES = ['background', 'nodule', 'mass']
+VERSION = 2  # of the generator: part of the cache folder's name
 
 
 def _lesion(rng: np.random.Generator, size: int, centre, radius: float, mass: bool):
@@ -74,8 +75,8 @@ def make_case(rng: np.random.Generator, size: int):
         break
     else:
       continue
-    brightness = 0.22 if mass else 0.32
-    texture = 0.06 * smooth_noise(rng, size, 0.3) if mass else 0.0
+    brightness = 0.26 if mass else 0.32
+    texture = 0.05 * smooth_noise(rng, size, 0.3) if mass else 0.0
     image = image * (1 - soft) + (image + brightness + texture) * soft
     label[hard] = 2 if mass else 1
   image += rng.normal(0, 0.03, image.shape)

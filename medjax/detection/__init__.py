@@ -1,1 +1,2 @@
-"""Detection: boxes, anchors, matching, metrics and box sources for task='detection' (N-D, 2D and 3D)."""
+"""Detection for ``task='detection'`` (N-D, 2D and 3D): boxes, anchors, matching, losses,
+inference, metrics, box sources and outputs (see docs/detection.md)."""

@@ -95,16 +95,31 @@ def image_loss(outputs: Dict[str, jax.Array], targets: Dict[str, jax.Array],
   return {'cls': cls, 'box': box, 'positives': num_pos}
 
 
+def pooled_class_map(seg: jax.Array, shape) -> jax.Array:
+  """A class map ``[B, *spatial]`` at a coarser ``shape`` by max-pooling blocks (a network
+  whose first level is strided segments at that resolution; max keeps small objects that
+  strided sampling would drop)."""
+  factors = tuple(full // small for full, small in zip(seg.shape[1:], shape))
+  if all(f == 1 for f in factors):
+    return seg
+  window = (1,) + factors
+  return jax.lax.reduce_window(seg, jnp.array(0, seg.dtype), jax.lax.max, window, window,
+                               'VALID')
+
+
 def detection_loss(outputs: Dict[str, jax.Array], targets: Dict[str, jax.Array],
                    anchors: jax.Array, level_counts, cfg) -> jax.Array:
   """The total loss of a batch: mean over images of classification and box terms, plus the
-  auxiliary segmentation loss of ``seg_logits [B, *spatial, K + 1]`` against
-  ``targets['seg'] [B, *spatial]`` when the model has that head."""
+  auxiliary segmentation loss of ``seg_logits [B, *spatial', K + 1]`` against
+  ``targets['seg'] [B, *spatial]`` (max-pooled to ``spatial'`` when the network's first level
+  is strided) when the model has that head."""
   per_image = jax.vmap(lambda o, t: image_loss(o, t, anchors, level_counts, cfg))(
       {k: outputs[k] for k in ('class_logits', 'box_deltas')},
       {k: targets[k] for k in ('boxes', 'classes', 'valid')})
   total = per_image['cls'].mean() + cfg.box_weight * per_image['box'].mean()
   if 'seg_logits' in outputs and cfg.seg_weight:
+    seg_logits = outputs['seg_logits']
     total = total + cfg.seg_weight * seg_losses.dice_ce_loss(
-        outputs['seg_logits'], targets['seg'], include_background=False, per_case=False)
+        seg_logits, pooled_class_map(targets['seg'], seg_logits.shape[1:-1]),
+        include_background=False, per_case=False)
   return total

@@ -96,7 +96,8 @@ class DetectionExperiment(Experiment):
         raise ValueError('task=detection needs data.root (a folder of images and label maps, '
                          'or an MSD folder) or data.synthetic_cases > 0')
       root = synthetic_detection.write_detection_dataset(
-          os.path.join(cache, f'synthetic_detection_{cfg.synthetic_cases}_{cfg.synthetic_size}'),
+          os.path.join(cache, f'synthetic_detection_v{synthetic_detection.VERSION}_'
+                       f'{cfg.synthetic_cases}_{cfg.synthetic_size}'),
           cfg.synthetic_cases, 0, cfg.synthetic_size)
     prepared = prepare.prepare(root, cache, prepare.options_from_config(cfg), cfg.max_cases)
     split = prepare.kfold_split(prepared.case_ids, cfg.num_folds, cfg.fold, cfg.split_seed)
