@@ -608,6 +608,21 @@ def detection_nms_page(results: Results) -> List[str]:
       + ' at the end.']
 
 
+def detection_page(results: Results) -> List[str]:
+  name = 'detection.json'
+  data = results[name]
+  columns = [('case', 'recipe', ''), ('split', 'scored on', ''),
+             ('train_minutes', 'train min', '.1f'), ('map', 'mAP 0.1:0.5', '.3f'),
+             ('ap_0.1', 'AP@0.1', '.3f'), ('ap_0.5', 'AP@0.5', '.3f'), ('cpm', 'CPM', '.3f')]
+  rates = [('sensitivity_at_' + r, f'sens. @{r}', '.3f')
+           for r in ('0.125', '0.25', '0.5', '1', '2', '4', '8')]
+  return (section('Detection recipes on a CPU', name, data)
+          + [markdown_table(data['results'], columns),
+             'FROC: sensitivity at 1/8 ... 8 false positives per scan (CPM: their mean).',
+             markdown_table(data['results'], [('case', 'recipe', ''), ('split', 'scored on', '')]
+                            + rates)])
+
+
 # ----- pages --------------------------------------------------------------------------------
 
 FEW_LABELS_INTRO = (
@@ -672,6 +687,12 @@ PAGES = [
          'fixed output size, each of `max_output` picks compared with all N boxes, against a '
          'NumPy greedy NMS on the same boxes. See [benchmarks](../benchmarks.md).',
          ['nms.json'], detection_nms_page),
+    Page('detection.md', 'Detection recipes',
+         'Retina U-Net recipes trained and scored on a CPU (`benchmarks/detection.py`): the 2D '
+         'quickstart on its validation images, and the LUNA16 `:cpu` recipe on synthetic '
+         'LUNA16-format scans, on its validation fold and on held-out scans through '
+         '`medjax predict` and `medjax score` (LUNA16\'s FROC rule). See '
+         '[detection](../detection.md).', ['detection.json'], detection_page),
     Page('fault_injection.md', 'Fault injection',
          '`benchmarks/fault_injection.py` kills `medjax train` with SIGKILL at random moments '
          'and inside checkpoint writes, resumes each time, and checks that the finished workdir '

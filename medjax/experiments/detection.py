@@ -157,7 +157,8 @@ class DetectionExperiment(Experiment):
             f"({', '.join(self.class_names)}), {len(self.data.splits['train'])} train / "
             f"{len(self.data.splits['val'])} val cases, median shape {f.get('shape_median')}, "
             f'patch {self.patch_size}, anchors (voxels) per level '
-            f"{[np.round(s, 1).tolist() for s in self.anchor_sizes]} (best-anchor IoU median "
+            f"{[np.round(np.asarray(s, np.float64), 1).tolist() for s in self.anchor_sizes]} "
+            f"(best-anchor IoU median "
             f"{self.anchor_plan['best_anchor_iou_median']})")
 
   # ----- evaluation --------------------------------------------------------------------
