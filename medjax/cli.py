@@ -260,7 +260,7 @@ def _data_check(args) -> int:
 def _predict(args) -> int:
   from medjax import apply
   written = apply.predict_files(args.workdir, args.input, args.output, args.step)
-  print(f'wrote {len(written)} label map(s) to {args.output}')
+  print(f'wrote {len(written)} file(s) to {args.output}')
   return 0
 
 
