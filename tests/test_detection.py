@@ -2,6 +2,7 @@
 Retina U-Net's outputs against the anchors, box inference and mapping back to the file."""
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -285,3 +286,21 @@ def test_pooled_class_map_keeps_small_objects():
   np.testing.assert_array_equal(pooled, expected)
   assert pooled[0, 1, 2] == 1 and pooled[0, 3, 0] == 2
   np.testing.assert_array_equal(det_losses.pooled_class_map(jnp.asarray(seg), (8, 8)), seg)
+
+
+def test_instances_are_cached_beside_the_prepared_entry(tmp_path):
+  from medjax.data import prepare, synthetic_detection
+  root = synthetic_detection.write_detection_dataset(str(tmp_path / 'data'), 6, seed=2, size=48)
+  prepared = prepare.prepare(root, str(tmp_path / 'cache'))
+  for case_id in prepared.case_ids:
+    _, label, _ = prepared.load(case_id)
+    expected, classes = detection_data.instance_map(label, 3)
+    boxes, box_classes, _ = detection_data.instance_boxes(expected, classes)
+    for _ in range(2):  # computed, then read back memory-mapped
+      instances, got_classes, objects = detection_data.cached_instances(prepared, case_id, 3)
+      np.testing.assert_array_equal(instances, expected)
+      np.testing.assert_array_equal(got_classes, classes)
+      np.testing.assert_array_equal(objects['boxes'], boxes)
+      np.testing.assert_array_equal(objects['classes'], box_classes)
+    assert isinstance(instances, np.memmap) and instances.dtype == np.uint16
+  assert os.listdir(prepared.directory + '-instances')

@@ -15,6 +15,8 @@ class map (0 background) for the auxiliary segmentation, ``M = data.max_boxes``.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Dict, Iterator, Sequence, Tuple
 
 import ml_collections
@@ -48,6 +50,37 @@ def instance_map(label: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.nd
     instances[inside] = components[inside] + len(classes)
     classes.extend([k - 1] * count)
   return instances, np.asarray(classes, np.int32)
+
+
+def cached_instances(prepared, case_id: str, num_classes: int
+                     ) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
+  """(instances ``[*spatial]`` uint16, memory-mapped; object classes ``[n]``; the objects'
+  ``boxes`` and ``classes``) of a prepared case, computed once into
+  ``<prepared entry>-instances/`` beside the (never modified) preparation cache entry, so a
+  large dataset is not held in memory."""
+  folder = prepared.directory.rstrip(os.sep) + '-instances'
+  base = os.path.join(folder, case_id)
+  if not os.path.isfile(base + '.json'):
+    os.makedirs(folder, exist_ok=True)
+    _, label, _ = prepared.load(case_id)
+    instances, classes = instance_map(label, num_classes)
+    if len(classes) > np.iinfo(np.uint16).max:
+      raise ValueError(f'{case_id}: {len(classes)} objects, more than a uint16 instance map holds')
+    boxes, box_classes, _ = instance_boxes(instances, classes)
+    tmp = f'{base}.tmp-{os.getpid()}'
+    np.save(tmp + '.npy', instances.astype(np.uint16))
+    os.replace(tmp + '.npy', base + '.npy')
+    with open(tmp, 'w') as f:  # written last: a case with its .json is complete
+      json.dump({'classes': classes.tolist(), 'boxes': boxes.tolist(),
+                 'box_classes': box_classes.tolist()}, f)
+    os.replace(tmp, base + '.json')
+  with open(base + '.json') as f:
+    meta = json.load(f)
+  nd = len(prepared.records[case_id]['shape'])
+  objects = {'boxes': np.asarray(meta['boxes'], np.float32).reshape(-1, 2 * nd),
+             'classes': np.asarray(meta['box_classes'], np.int32)}
+  return (np.load(base + '.npy', mmap_mode='r'), np.asarray(meta['classes'], np.int32),
+          objects)
 
 
 def instance_boxes(instances: np.ndarray, classes: np.ndarray

@@ -53,12 +53,12 @@ class DetectionData:
     self.name, self.prepared, self.splits, self.class_names = name, prepared, split, class_names
     self.cases, self.instance_classes, self.objects = {}, {}, {}
     for case_id in prepared.case_ids:
-      image, label, locations = prepared.load(case_id)
-      instances, classes = detection_data.instance_map(label, len(class_names) + 1)
+      image, _, locations = prepared.load(case_id)
+      instances, classes, objects = detection_data.cached_instances(prepared, case_id,
+                                                                    len(class_names) + 1)
       self.cases[case_id] = (image, instances, locations)
       self.instance_classes[case_id] = classes
-      boxes, box_classes, _ = detection_data.instance_boxes(instances, classes)
-      self.objects[case_id] = {'boxes': boxes, 'classes': box_classes}
+      self.objects[case_id] = objects
 
   def box_sizes(self, split: str) -> np.ndarray:
     """Sizes ``[n, nd]`` (voxels on the prepared grid) of every object of a split."""
