@@ -6,7 +6,8 @@
   (``medjax.data.synthetic_luna``, seed 0, ``--luna_train`` scans, fold 0 validates on a
   fifth), then ``medjax predict`` on ``--luna_test`` scans it never saw (seed 1) and
   ``medjax score`` of the written ``detections.csv`` against their ``annotations.csv``:
-  LUNA16's FROC (sensitivity at 1/8 ... 8 false positives per scan) and CPM.
+  LUNA16's FROC (sensitivity at 1/8 ... 8 false positives per scan) and CPM; once as trained
+  and once with test-time mirroring over the three axes (``--mirror_axes 0,1,2``).
 
 Each training runs ``medjax train`` in a subprocess (its wall time is the run's
 ``run_info.wall_time_s``, compilation included); ``--reuse`` scores an existing workdir.
@@ -65,21 +66,26 @@ def luna_cpu(root: str, reuse: bool, num_train: int, num_test: int) -> list:
   workdir = os.path.join(root, 'luna_cpu')
   results = train('configs/detection_luna.py:cpu', workdir,
                   [f'--config.data.root={train_data}'], reuse)
-  out = os.path.join(root, 'luna_cpu_test')
-  start = time.time()
-  subprocess.run([sys.executable, '-m', 'medjax.cli', 'predict', '--workdir', workdir,
-                  '--input', os.path.join(test_data, 'imagesTr'), '--output', out],
-                 check=True, cwd=REPO)
-  predict_s = time.time() - start
-  subprocess.run([sys.executable, '-m', 'medjax.cli', 'score', '--detections',
-                  os.path.join(out, 'detections.csv'), '--annotations',
-                  os.path.join(test_data, 'annotations.csv'), '--out', out],
-                 check=True, cwd=REPO)
-  with open(os.path.join(out, 'froc.json')) as f:
-    test = json.load(f)
-  held_out = row('luna_cpu', results, test, f'held-out ({num_test} scans, seed 1)')
-  held_out['predict_s_per_scan'] = predict_s / num_test
-  return [row('luna_cpu', results, results['val'], 'val (fold 0)'), held_out]
+  rows = [row('luna_cpu', results, results['val'], 'val (fold 0)')]
+  for mirror in ('', '0,1,2'):
+    out = os.path.join(root, 'luna_cpu_test' + (f"_mirror{mirror.replace(',', '')}"
+                                                 if mirror else ''))
+    start = time.time()
+    subprocess.run([sys.executable, '-m', 'medjax.cli', 'predict', '--workdir', workdir,
+                    '--input', os.path.join(test_data, 'imagesTr'), '--output', out]
+                   + (['--mirror_axes', mirror] if mirror else []), check=True, cwd=REPO)
+    predict_s = time.time() - start
+    subprocess.run([sys.executable, '-m', 'medjax.cli', 'score', '--detections',
+                    os.path.join(out, 'detections.csv'), '--annotations',
+                    os.path.join(test_data, 'annotations.csv'), '--out', out],
+                   check=True, cwd=REPO)
+    with open(os.path.join(out, 'froc.json')) as f:
+      test = json.load(f)
+    held_out = row('luna_cpu', results, test, f'held-out ({num_test} scans, seed 1)'
+                   + (f', mirrored {mirror}' if mirror else ''))
+    held_out['predict_s_per_scan'] = predict_s / num_test
+    rows.append(held_out)
+  return rows
 
 
 def main() -> None:

@@ -19,8 +19,9 @@ within 30 minutes on 2 cores; ``:runlocal`` runs in a minute for tests.
 
 Measured (benchmarks/results/detection.json): ``:cpu`` on 48 synthetic scans (seed 0) trained in
 27 min; validation CPM 0.48, and on 20 held-out synthetic scans (seed 1) through predict +
-score CPM 0.46 (sensitivity 0.47 at 1, 0.60 at 8 false positives per scan): far below
-nnDetection's 0.930 on real LUNA16, and below the 0.90 this recipe aims at.
+score CPM 0.46 (sensitivity 0.47 at 1, 0.60 at 8 false positives per scan), 0.50 with
+``medjax predict --mirror_axes 0,1,2``: far below nnDetection's 0.930 on real LUNA16, and below
+the 0.90 this recipe aims at.
 """
 
 import ml_collections

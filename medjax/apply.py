@@ -19,15 +19,20 @@ from medjax.train import restore_workdir
 
 
 def predict_files(workdirs: Union[str, Sequence[str]], input_path: str, output_dir: str,
-                  step: Optional[int] = None) -> list:
+                  step: Optional[int] = None, mirror_axes: Optional[Sequence[int]] = None
+                  ) -> list:
   """Predictions for new files, written by the model's task (segmentations: NIfTI with
-  exactly each input's affine, shape and axes). Several workdirs: their mean prediction (an
-  ensemble, e.g. 2D U-Nets on different slice axes), each with its selected checkpoint."""
+  exactly each input's affine, shape and axes; detections: detections.csv, JSON, COCO).
+  Several workdirs: their mean prediction (an ensemble, e.g. 2D U-Nets on different slice
+  axes), each with its selected checkpoint. ``mirror_axes``: test-time mirroring for this
+  prediction (the task's ``set_evaluation_options``), else each run's own."""
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
   if step is not None and len(workdirs) > 1:
     raise ValueError("--step applies to one workdir; an ensemble uses each workdir's "
                      'selected checkpoint')
   members = [restore_workdir(workdir, step)[:2] for workdir in workdirs]
+  for exp, _ in members:
+    exp.set_evaluation_options(mirror_axes=mirror_axes)
   first = members[0][0]
   for workdir, (exp, _) in zip(workdirs, members):
     if type(exp) is not type(first):

@@ -100,14 +100,18 @@ def _parser() -> argparse.ArgumentParser:
   check.add_argument('path', help='dataset folder (MSD dataset.json or image/label folders)')
   check.add_argument('--json', default=None, help='also write the full report here')
   check.add_argument('--max_cases', type=int, default=0, help='check only the first N cases')
-  predict = sub.add_parser('predict', help='segment new scans with a trained workdir; writes '
-                           'NIfTI label maps with each input\'s affine')
+  predict = sub.add_parser('predict', help='segment (NIfTI label maps with each input\'s '
+                           'affine) or detect (detections.csv, JSON, COCO) in new files with a '
+                           'trained workdir')
   predict.add_argument('--workdir', required=True, action='append',
                        help='a workdir; given several times, the mean of their probabilities '
                             '(an ensemble sharing the data preparation)')
   predict.add_argument('--input', required=True, help='a NIfTI file or a folder of them')
-  predict.add_argument('--output', required=True, help='folder for the label maps')
+  predict.add_argument('--output', required=True, help='folder for the predictions')
   predict.add_argument('--step', type=int, default=None)
+  predict.add_argument('--mirror_axes', default=None, metavar='AXES',
+                       help="test-time mirroring for this prediction, e.g. 0,1,2 (default: "
+                            "the run's own inference.mirror_axes)")
   score = sub.add_parser('score', help='score predicted label maps against references '
                          '(per-case CSV and summary JSON), or detections against LUNA16 '
                          'annotations (FROC, CPM)')
@@ -259,7 +263,9 @@ def _data_check(args) -> int:
 
 def _predict(args) -> int:
   from medjax import apply
-  written = apply.predict_files(args.workdir, args.input, args.output, args.step)
+  mirror = (None if args.mirror_axes is None else
+            tuple(int(a) for a in args.mirror_axes.split(',') if a.strip()))
+  written = apply.predict_files(args.workdir, args.input, args.output, args.step, mirror)
   print(f'wrote {len(written)} file(s) to {args.output}')
   return 0
 
