@@ -90,10 +90,15 @@ def test_2d_detector_trains_and_writes_coco(lesions_run):
   assert os.path.join(out, 'detections_coco.json') in written
   coco = COCO(os.path.join(out, 'detections_coco.json'))
   assert len(coco.getImgIds()) == 2
-  record = json.load(open(os.path.join(out, 'case_0000.json')))
-  for d in record['detections']:
-    lo, hi = np.array(d['box_voxel'][:2]), np.array(d['box_voxel'][2:])
-    assert np.all(lo >= 0) and np.all(hi <= 64) and np.all(hi > lo)
+  for folder, mirror in ((out, None), (str(tmp / 'mirrored'), (0, 1))):
+    if mirror:  # medjax predict --mirror_axes 0,1: the same files, boxes still in the image
+      assert cli.main(['predict', '--workdir', workdir, '--input', str(inputs), '--output',
+                       folder, '--mirror_axes', '0,1']) == 0
+    record = json.load(open(os.path.join(folder, 'case_0000.json')))
+    for d in record['detections']:
+      lo, hi = np.array(d['box_voxel'][:2]), np.array(d['box_voxel'][2:])
+      assert np.all(lo >= 0) and np.all(hi <= 64) and np.all(hi > lo)
+  assert sorted(os.listdir(out)) == sorted(os.listdir(str(tmp / 'mirrored')))
 
 
 @pytest.mark.slow
