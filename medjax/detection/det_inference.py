@@ -115,9 +115,7 @@ def detect_image(window_fn: Callable[[np.ndarray], Tuple[np.ndarray, ...]], imag
       found['scores'].append(scores[row][keep])
       found['classes'].append(classes[row][keep])
   found = {k: np.concatenate(v) for k, v in found.items()}
-  found['boxes'] = np.asarray(box_ops.clip_boxes(found['boxes'].reshape(-1, 2 * len(patch)),
-                                                 spatial)) if len(found['boxes']) else \
-      found['boxes'].reshape(0, 2 * len(patch))
+  found['boxes'] = np.asarray(box_ops.clip_boxes(found['boxes'], spatial))  # [n, 2nd]
   merged = merge(found, cfg)
   nonempty = np.all(merged['boxes'][:, len(patch):] > merged['boxes'][:, :len(patch)], axis=1)
   return {k: v[nonempty] for k, v in merged.items()}

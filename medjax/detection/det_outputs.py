@@ -71,11 +71,9 @@ def write_predictions(records: Mapping[str, Dict], image_shapes: Mapping[str, Se
     path = os.path.join(output_dir, f'{name}.json')
     workdir_lib.write_json(path, rec)
     written.append(path)
-  volumes = {n: r for n, r in records.items() if r['detections']
-             and 'centre_lps_mm' in r['detections'][0]}
-  if volumes or any(len(s) == 3 for s in image_shapes.values()):
+  if any(len(s) == 3 for s in image_shapes.values()):
     rows = [(name, *d['centre_lps_mm'], d['score'])
-            for name, rec in volumes.items() for d in rec['detections']]
+            for name, rec in records.items() for d in rec['detections']]
     path = os.path.join(output_dir, 'detections.csv')
     froc.write_luna_csv(path, rows)
     written.append(path)
@@ -109,18 +107,19 @@ def sphere_label_map(shape: Sequence[int], affine: np.ndarray, centres_lps: np.n
   label = np.zeros(shape, np.uint8)
   if not len(centres_lps):
     return label
-  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing='ij'), -1)
   for centre, diameter in zip(centres_lps, diameters):
     voxel = sources.world_to_voxel(centre[None], affine, convention='LPS')[0]
     box = sources.sphere_boxes(centre[None], np.array([diameter]), affine,
                                convention='LPS')[0]
     lo = np.clip(np.floor(box[:3]).astype(int) - 1, 0, shape)
     hi = np.clip(np.ceil(box[3:]).astype(int) + 1, 0, shape)
-    region = tuple(slice(a, b) for a, b in zip(lo, hi))
-    world = sources.voxel_to_world(grid[region].reshape(-1, 3).astype(np.float64), affine,
+    # Voxel indices of the sphere's bounding region only (a whole CT grid is GBs).
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing='ij'), -1)
+    world = sources.voxel_to_world(grid.reshape(-1, 3).astype(np.float64), affine,
                                    convention='LPS')
     inside = np.linalg.norm(world - centre, axis=1) <= diameter / 2
-    label[region][inside.reshape(grid[region].shape[:-1])] = 1
+    region = tuple(slice(a, b) for a, b in zip(lo, hi))
+    label[region][inside.reshape(grid.shape[:-1])] = 1
     nearest = np.clip(np.round(voxel).astype(int), 0, np.array(shape) - 1)
     label[tuple(nearest)] = 1
   return label

@@ -10,6 +10,7 @@ from typing import Dict
 import numpy as np
 
 from medjax import plots
+from medjax.data import layouts
 from medjax.detection import det_metrics
 
 RATES = (0.125, 0.25, 0.5, 1, 2, 4, 8)
@@ -46,7 +47,6 @@ def case_quality(case: Dict) -> float:
 def case_figure(case: Dict, title: str):
   """A 2D image with the objects' boxes (green) and the detections' (red, with scores)."""
   from matplotlib.patches import Rectangle
-  from medjax.data import layouts
   image = layouts.read_image_2d(case['image'], 'image')[..., 0]
   fig = plots.new_figure(4.2, 4.4)
   ax = fig.subplots()
@@ -76,8 +76,7 @@ def detection_figures(workdir: str, results: Dict, out_dir: str) -> Dict[str, st
   with open(path) as f:
     cases = json.load(f)
   flat = {c: v for c, v in cases.items()
-          if v.get('image', '').lower().endswith(('.png', '.tif', '.tiff', '.jpg', '.jpeg',
-                                                  '.bmp'))}
+          if v.get('image', '').lower().endswith(layouts.IMAGE_SUFFIXES)}
   if not flat:
     return written
   ranked = sorted(flat, key=lambda c: case_quality(flat[c]))

@@ -44,15 +44,14 @@ def atss_match(anchors: jax.Array, level_counts: Sequence[int], gt_boxes: jax.Ar
     candidates.append(idx + start)
     start += count
   candidates = jnp.concatenate(candidates, axis=1)                           # [M, C]
-  iou = box_ops.pairwise_iou(gt_boxes, anchors)                              # [M, N]
-  cand_iou = jnp.take_along_axis(iou, candidates, axis=1)                    # [M, C]
+  cand_iou = box_ops.iou(gt_boxes[:, None], anchors[candidates])             # [M, C]
   threshold = cand_iou.mean(axis=1) + cand_iou.std(axis=1)                   # [M]
   cand_centres = anchor_centres[candidates]                                  # [M, C, nd]
   inside = jnp.all((cand_centres > gt_boxes[:, None, :nd])
                    & (cand_centres < gt_boxes[:, None, nd:]), axis=-1)
   positive = (cand_iou >= threshold[:, None]) & inside & gt_valid[:, None] & (cand_iou > 0)
   rows = jnp.broadcast_to(jnp.arange(gt_boxes.shape[0])[:, None], candidates.shape)
-  scores = jnp.full(iou.shape, -1.0, iou.dtype)
+  scores = jnp.full((gt_boxes.shape[0], anchors.shape[0]), -1.0, cand_iou.dtype)
   scores = scores.at[rows, candidates].max(jnp.where(positive, cand_iou, -1.0))
   best_gt = jnp.argmax(scores, axis=0)                                       # [N]
   best = jnp.max(scores, axis=0)

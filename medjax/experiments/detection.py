@@ -91,6 +91,8 @@ class DetectionExperiment(Experiment):
     self.luna_root = root if root and det_outputs.is_luna_layout(root) else ''
     if self.luna_root:  # imagesTr/ + annotations.csv: a sphere label map per scan, once
       root = det_outputs.luna_as_labelled(root, cache)
+      self.luna_annotations = froc.read_luna_csv(
+          os.path.join(self.luna_root, 'annotations.csv'), 'diameter_mm')
     if not root:
       if cfg.synthetic_cases <= 0:
         raise ValueError('task=detection needs data.root (a folder of images and label maps, '
@@ -176,14 +178,12 @@ class DetectionExperiment(Experiment):
     truth = {c: self.data.objects[c] for c in cases}
     metrics = det_metrics.mean_average_precision(predictions, truth, self.num_classes)
     if self.luna_root:  # LUNA16's own rule: centres within the radius, in world mm
-      annotations = froc.read_luna_csv(os.path.join(self.luna_root, 'annotations.csv'),
-                                       'diameter_mm')
       found = []
       for c in cases:
         rec = det_outputs.case_record(predictions[c], self.data.prepared.records[c],
                                       self.class_names)
         found += [(c, *d['centre_lps_mm'], d['score']) for d in rec['detections']]
-      scores = froc.froc_world(found, annotations, cases)
+      scores = froc.froc_world(found, self.luna_annotations, cases)
     else:
       scores = det_metrics.froc_boxes(predictions, truth, hit='ellipsoid')
     metrics.update({k: v for k, v in scores.items() if isinstance(v, (int, float))})
